@@ -1,0 +1,276 @@
+"""THE device layer: the only file in tandem that knows accelerator vendors.
+
+Everything else asks this module for a device, a dtype, a distributed backend or an RNG snapshot.
+
+    resolve_device("auto")       -> the best accelerator present, else cpu
+    resolve_device("cuda:1")     -> torch.device("cuda", 1), or DeviceError listing what exists
+    supported_dtypes(device)     -> ["fp32", "bf16", "fp16"] (what this device can compute in)
+    resolve_dtype("bf16", dev)   -> torch.bfloat16, or DeviceError
+    dist_backend(device)         -> "gloo" | "nccl" | "hccl" | "xccl"
+    get_rng_state()/set_rng_state(state)  every RNG tandem touches (python, numpy, torch, device)
+
+Ascend NPUs come through `torch_npu`, which registers the `npu` device with PyTorch when imported;
+it is optional and imported only when an `npu` device is asked for or auto-detected. PyTorch >= 2.6
+exposes `torch.accelerator`, which we use for "what accelerator is here" wherever it exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import random
+import time
+
+import torch
+
+from tandem.errors import DeviceError
+
+ACCELERATOR_KINDS = ("cuda", "npu", "xpu", "mps")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo"}
+
+
+def _load_npu() -> bool:
+    """Import torch_npu if installed (it registers torch.npu); False when it is absent."""
+    if hasattr(torch, "npu"):
+        return True
+    try:
+        importlib.import_module("torch_npu")
+        return True
+    except Exception:  # absent, or present without CANN: either way no NPU here
+        return False
+
+
+def _kind_module(kind: str):
+    """torch.cuda / torch.npu / torch.xpu / torch.mps, or None when this build lacks it."""
+    if kind == "npu" and not _load_npu():
+        return None
+    return getattr(torch, kind, None)
+
+
+def kind_available(kind: str) -> bool:
+    if kind == "cpu":
+        return True
+    module = _kind_module(kind)
+    try:
+        return bool(module is not None and module.is_available())
+    except Exception:
+        return False
+
+
+def device_count(kind: str) -> int:
+    if kind == "cpu":
+        return 1
+    if not kind_available(kind):
+        return 0
+    module = _kind_module(kind)
+    return int(module.device_count()) if hasattr(module, "device_count") else 1
+
+
+def available_devices() -> list[str]:
+    """Every device name usable here, e.g. ["cpu", "cuda:0", "cuda:1"]."""
+    names = ["cpu"]
+    for kind in ACCELERATOR_KINDS:
+        count = device_count(kind)
+        names += [kind] if kind == "mps" and count else [f"{kind}:{i}" for i in range(count)]
+    return names
+
+
+def default_accelerator() -> str | None:
+    """The accelerator kind PyTorch considers current (torch.accelerator), else the first found."""
+    _load_npu()  # torch_npu must be imported before torch.accelerator can see an NPU
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator().type
+    return next((k for k in ACCELERATOR_KINDS if kind_available(k)), None)
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Turn auto|cpu|cuda[:i]|npu[:i]|xpu[:i]|mps into a torch.device that exists here."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device(default_accelerator() or "cpu")
+    kind, _, index = spec.partition(":")
+    if kind not in ("cpu",) + ACCELERATOR_KINDS or (index and not index.isdigit()):
+        raise DeviceError(f"unknown device '{spec}'; use auto, cpu, cuda[:i], npu[:i], xpu[:i] or mps "
+                          f"(available here: {', '.join(available_devices())})")
+    if kind == "cpu":
+        return torch.device("cpu")
+    count = device_count(kind)
+    if count == 0 or (index and int(index) >= count):
+        hint = " (install the 'npu' extra and CANN for Ascend)" if kind == "npu" else ""
+        raise DeviceError(f"device '{spec}' is not available{hint}; available here: "
+                          f"{', '.join(available_devices())}")
+    return torch.device(kind, int(index)) if index else torch.device(kind)
+
+
+def device_kind(device: torch.device | str) -> str:
+    """'cpu', 'cuda', 'npu', ... (the ledger groups device-seconds by this)."""
+    return torch.device(device).type
+
+
+def _probe_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a = torch.ones(4, 4, device=device, dtype=dtype)
+        return bool(torch.isfinite((a @ a).float()).all())
+    except Exception:
+        return False
+
+
+_DTYPE_CACHE: dict[tuple[str, str], bool] = {}
+
+
+def supported_dtypes(device: torch.device | str) -> list[str]:
+    """Dtypes this device can run a matmul in, probed once and cached."""
+    device = torch.device(device)
+    names = []
+    for name, dtype in DTYPES.items():
+        key = (str(device), name)
+        if key not in _DTYPE_CACHE:
+            _DTYPE_CACHE[key] = _probe_dtype(device, dtype)
+        if _DTYPE_CACHE[key]:
+            names.append(name)
+    return names
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name not in DTYPES:
+        raise DeviceError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    if name not in supported_dtypes(device):
+        raise DeviceError(f"device '{device}' cannot compute in {name}; it supports "
+                          f"{', '.join(supported_dtypes(device))}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on the device (no-op on cpu), so timings measure real work."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        module = _kind_module(device.type)
+        if module is not None and hasattr(module, "synchronize"):
+            module.synchronize()
+
+
+def timer(device: torch.device | str) -> float:
+    """A wall-clock reading taken after the device has finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def memory_stats(device: torch.device | str) -> dict:
+    """Allocated / peak / total bytes where the device reports them; {} on cpu."""
+    device = torch.device(device)
+    module = _kind_module(device.type) if device.type != "cpu" else None
+    stats = {}
+    for key, fn in (("allocated_bytes", "memory_allocated"), ("peak_bytes", "max_memory_allocated")):
+        if module is not None and hasattr(module, fn):
+            try:
+                stats[key] = int(getattr(module, fn)(device))
+            except Exception:
+                pass
+    if module is not None and hasattr(module, "get_device_properties"):
+        try:
+            stats["total_bytes"] = int(module.get_device_properties(device).total_memory)
+        except Exception:
+            pass
+    return stats
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human-readable name: the chip's name where the vendor module reports one."""
+    device = torch.device(device)
+    module = _kind_module(device.type) if device.type != "cpu" else None
+    if module is not None and hasattr(module, "get_device_name"):
+        try:
+            return str(module.get_device_name(device))
+        except Exception:
+            pass
+    return device.type
+
+
+def dist_backend(device: torch.device | str) -> str:
+    """The torch.distributed backend for collectives among ranks on this kind of device."""
+    return DIST_BACKENDS.get(torch.device(device).type, "gloo")
+
+
+def manual_seed(seed: int) -> None:
+    """Seed python, numpy (if present) and torch on every device."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every accelerator's default generator
+    try:
+        import numpy
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def get_rng_state() -> dict:
+    """Every RNG state as JSON-serialisable data (goes into a checkpoint's train state)."""
+    state = {"python": _to_json(random.getstate()), "torch_cpu": _b64(torch.get_rng_state())}
+    try:
+        import numpy
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    for kind in ACCELERATOR_KINDS:
+        module = _kind_module(kind) if kind_available(kind) else None
+        if module is not None and hasattr(module, "get_rng_state_all"):
+            state[kind] = [_b64(s) for s in module.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_from_json(state["python"]))
+    torch.set_rng_state(_unb64(state["torch_cpu"]))
+    if "numpy" in state:
+        import numpy
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+    for kind in ACCELERATOR_KINDS:
+        if kind in state and kind_available(kind):
+            _kind_module(kind).set_rng_state_all([_unb64(s) for s in state[kind]])
+
+
+def _to_json(value):
+    return [_to_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _from_json(value):
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def versions() -> dict:
+    """torch and vendor-stack versions, for `tandem doctor` and run summaries."""
+    info = {"torch": torch.__version__}
+    if torch.version.cuda:
+        info["cuda"] = torch.version.cuda
+    if getattr(torch.version, "hip", None):
+        info["rocm"] = torch.version.hip
+    if _load_npu():
+        try:
+            info["torch_npu"] = importlib.import_module("torch_npu").__version__
+        except Exception:
+            pass
+    return info
+
+
+def set_threads(threads: int | None) -> int:
+    """Fix torch's intra-op thread count (determinism holds per thread count); returns it."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()

@@ -1,0 +1,263 @@
+"""The `tandem` command.
+
+    tandem pipeline --preset tiny --out runs/demo     tokenizer -> SFT -> eval -> report
+    tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
+    tandem eval     --model runs/demo [--task addition] [--json]
+    tandem generate --model runs/demo --prompt "What is 12 + 7?"
+    tandem chat     --model runs/demo                 terminal chat, thinking shown dimmed
+    tandem inspect  runs/demo [--json]                step, config, parameters, weight fingerprint
+    tandem doctor                                     devices, dtypes, backends, versions
+
+Any config field can be overridden with --set section.key=value (repeatable). A user mistake
+prints one line starting with "error:" and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tandem.errors import TandemError  # noqa: E402
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="a preset from configs/ (smoke, tiny, ...)")
+    parser.add_argument("--config", help="a TOML config file instead of a preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config field (repeatable), e.g. --set sft.steps=200")
+    parser.add_argument("--out", required=True, help="the run folder (rerun into it to resume)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a tandem run folder, checkpoint folder or HF model folder")
+    parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|xpu|mps (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help="fp32|bf16|fp16 (default fp32)")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pipeline", help="tokenizer -> SFT -> eval -> report, on one preset")
+    _add_config_args(p)
+    p = sub.add_parser("sft", help="supervised fine-tuning (resumes in the same --out)")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="accuracy on a task's held-out split")
+    _add_model_args(p)
+    p.add_argument("--task", action="append", help="task name or .jsonl (default: the run's tasks)")
+    p.add_argument("--n", type=int, default=200, help="held-out examples per task")
+    p.add_argument("--pass-k", type=int, default=0, help="also report sampled pass@k")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object (a list for several tasks)")
+
+    p = sub.add_parser("generate", help="answer one prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    _add_sampling_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("chat", help="chat in the terminal (thinking shown dimmed)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("inspect", help="step, config, parameters and weight fingerprint of a model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("doctor", help="devices, dtypes, distributed backends and versions here")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _config(args):
+    from tandem.config import load_config
+    return load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+
+
+def cmd_pipeline(args) -> int:
+    from tandem.pipeline import run_pipeline
+    run_dir = run_pipeline(_config(args), args.out, progress=not args.quiet)
+    print(f"done: {run_dir} (report: {run_dir / 'report.md'})")
+    print(f"try it: tandem chat --model {run_dir}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from tandem.pipeline import run_sft_stage
+    run_dir = run_sft_stage(_config(args), args.out, progress=not args.quiet)
+    print(f"done: {run_dir}")
+    return 0
+
+
+def _run_tasks(model_path: str) -> list[str]:
+    """The tasks a run was trained on (from its config.json), else addition."""
+    from pathlib import Path
+    for candidate in (Path(model_path), *Path(model_path).parents):
+        config = candidate / "config.json"
+        if config.is_file() and (candidate / "checkpoints").is_dir():
+            return json.loads(config.read_text())["data"]["tasks"]
+    return ["addition"]
+
+
+def cmd_eval(args) -> int:
+    from tandem.evaluate import evaluate_task
+    from tandem.infer.engine import Engine
+    from tandem.loading import load_model
+    from tandem.tasks import get_task
+    if args.n < 1:
+        raise TandemError(f"--n must be >= 1, got {args.n}")
+    tasks = [get_task(name) for name in (args.task or _run_tasks(args.model))]
+    loaded = load_model(args.model, args.device, args.dtype)
+    engine = Engine(loaded.model, max_batch=args.batch_size)
+    results = []
+    for task in tasks:
+        result = evaluate_task(engine, loaded.tokenizer, task, n=args.n, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, pass_k=args.pass_k,
+                               temperature=args.temperature, progress=not args.json)
+        result.pop("samples")
+        result["model"] = loaded.info["path"]
+        results.append(result)
+        if not args.json:
+            extra = f", pass@{args.pass_k} {result[f'pass@{args.pass_k}']:.1%}" if args.pass_k else ""
+            print(f"{task.name}: accuracy {result['accuracy']:.1%} format {result['format_rate']:.1%} "
+                  f"avg tokens {result['avg_tokens']:.1f}{extra} (n={result['n']})")
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results))
+    return 0
+
+
+def _sampling(args, eos_id: int):
+    from tandem.infer.engine import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_token_ids=(eos_id,))
+
+
+def cmd_generate(args) -> int:
+    from tandem.infer.engine import Engine
+    from tandem.loading import load_model
+    from tandem.reasoning import parse_reasoning
+    loaded = load_model(args.model, args.device, args.dtype)
+    tok = loaded.tokenizer
+    prompt = tok.encode_prompt([{"role": "user", "content": args.prompt}])
+    generation = Engine(loaded.model, max_batch=1).generate([prompt], _sampling(args, tok.eos_id))[0]
+    text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
+    parsed = parse_reasoning(text)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": text, "thinking": parsed.thinking,
+                          "answer": parsed.answer, "format_ok": parsed.format_ok,
+                          "finish_reason": generation.finish_reason, "tokens": len(generation.token_ids)}))
+    else:
+        print(text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tandem.infer.engine import Engine
+    from tandem.loading import load_model
+    from tandem.reasoning import parse_reasoning
+    loaded = load_model(args.model, args.device, args.dtype)
+    tok, engine = loaded.tokenizer, Engine(loaded.model, max_batch=1)
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    history: list[dict] = []
+    print("tandem chat — empty line or Ctrl-D to quit, /reset to clear the history")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            return 0
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = tok.encode_prompt(history)
+        generation = engine.generate([prompt], _sampling(args, tok.eos_id))[0]
+        text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
+        parsed = parse_reasoning(text)
+        if parsed.thinking:
+            print(f"{dim}thinking: {parsed.thinking}{reset}")
+        print(f"tandem> {parsed.answer if parsed.answer is not None else text}")
+        history.append({"role": "assistant", "content": text})
+
+
+def cmd_inspect(args) -> int:
+    from tandem.loading import load_model
+    loaded = load_model(args.path)
+    info = dict(loaded.info, config=loaded.model.config.to_dict(), vocab_size=loaded.tokenizer.vocab_size)
+    info.setdefault("step", None)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"path:        {info['path']}")
+        print(f"kind:        {info['kind']} ({info.get('phase', '-')}, step {info['step']})")
+        print(f"parameters:  {info['parameters']:,}")
+        print(f"fingerprint: {info['fingerprint']}")
+        c = info["config"]
+        print(f"model:       {c['arch']} {c['num_hidden_layers']}L d{c['hidden_size']} "
+              f"h{c['num_attention_heads']}/kv{c['num_key_value_heads']} vocab {c['vocab_size']}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+    from importlib import metadata
+    from tandem import accel
+    report = {"python": platform.python_version(), "threads": accel.set_threads(None), "devices": {}}
+    for name in accel.available_devices():
+        report["devices"][name] = {"name": accel.device_name(name), "dtypes": accel.supported_dtypes(name),
+                                   "dist_backend": accel.dist_backend(name), "memory": accel.memory_stats(name)}
+    packages = {}
+    for package in ("torch", "transformers", "tokenizers", "safetensors", "fastapi", "gguf", "llama_cpp_python"):
+        try:
+            packages[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            packages[package] = None
+    report["packages"] = dict(packages, **accel.versions())
+    report["default_device"] = str(accel.resolve_device("auto"))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"python {report['python']}, torch threads {report['threads']}, default device {report['default_device']}")
+    for name, dev in report["devices"].items():
+        print(f"  {name:8s} {dev['name']:24s} dtypes {','.join(dev['dtypes']):14s} backend {dev['dist_backend']}")
+    for package, version in report["packages"].items():
+        print(f"  {package:18s} {version or 'not installed'}")
+    return 0
+
+
+COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate,
+            "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TandemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Load a model for inference from whatever the user points at.
+
+    loaded = load_model("runs/demo")                      # a run: its newest valid checkpoint
+    loaded = load_model("runs/demo/checkpoints/sft/step_000200")
+    loaded = load_model("exports/demo-hf")                # an HF Llama/Qwen2 folder
+    loaded.model, loaded.tokenizer, loaded.info           # info: kind, step, path, fingerprint
+
+Every command that takes --model goes through here, so they all accept the same things.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tandem import accel
+from tandem.errors import ModelError
+from tandem.model import ModelConfig, Transformer, weights_fingerprint
+from tandem.tokenizer import ChatTokenizer
+from tandem.train.checkpoint import latest_valid, load_checkpoint
+
+PHASE_ORDER = ("rl", "sft")  # a run's "final" model: RL's newest checkpoint if any, else SFT's
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: ChatTokenizer
+    info: dict = field(default_factory=dict)
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder a path means: itself, or a run's newest valid one."""
+    if (path / "manifest.json").is_file() or (path / "train_state.json").is_file():
+        return path
+    for phase in PHASE_ORDER:
+        found = latest_valid(path / "checkpoints" / phase)
+        if found is not None:
+            return found
+    return None
+
+
+def is_hf_folder(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text()) or "model_type" in json.loads(config.read_text())
+    except ValueError:
+        return False
+
+
+def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], ChatTokenizer, dict]:
+    """(config, weights on cpu, tokenizer, info) for a run, checkpoint or HF folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model path not found: {path}")
+    checkpoint = find_checkpoint(path)
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        config = ModelConfig.from_dict(json.loads((checkpoint / "model_config.json").read_text()))
+        tokenizer = ChatTokenizer.load(checkpoint)
+        info = {"kind": "tandem", "path": str(checkpoint), "step": ckpt["train_state"]["step"],
+                "phase": ckpt["train_state"].get("phase", "sft")}
+        return config, ckpt["model"], tokenizer, info
+    if is_hf_folder(path):
+        from tandem.export.hf import import_hf  # lands with the portability work
+        return import_hf(path)
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        raise ModelError(f"run {path} has no committed checkpoint yet; train it first (tandem sft --out {path})")
+    raise ModelError(f"{path} is not a tandem run, checkpoint or HF model folder "
+                     "(expected config.json + checkpoints/, manifest.json, or an HF config.json)")
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LoadedModel:
+    config, weights, tokenizer, info = load_weights(path)
+    target = accel.resolve_device(device)
+    torch_dtype = accel.resolve_dtype(dtype, target)
+    model = Transformer(config)
+    model.load_checkpoint_state(weights)
+    info["fingerprint"] = weights_fingerprint(model.checkpoint_state())
+    info["parameters"] = config.num_parameters()
+    model = model.to(device=target, dtype=torch_dtype).eval()
+    return LoadedModel(model, tokenizer, info)

@@ -1,0 +1,296 @@
+"""A Llama / Qwen2-compatible decoder-only transformer.
+
+Parameter names and config fields map one-to-one onto Hugging Face `LlamaForCausalLM` and
+`Qwen2ForCausalLM` (Qwen2 = Llama + q/k/v biases), so an export loads unchanged in transformers,
+vLLM, vLLM-Ascend and MindIE, and an HF checkpoint loads here:
+
+    model.embed_tokens.weight                       [vocab, dim]
+    model.layers.{i}.input_layernorm.weight         [dim]
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ q/k/v .bias for qwen2)
+    model.layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight
+    lm_head.weight                                  (absent from files when tied)
+
+Building blocks: RMSNorm, rotary embeddings (theta configurable, HF's rotate-half layout), grouped
+query attention through `F.scaled_dot_product_attention`, SwiGLU MLP. Runs in fp32 or bf16; like
+HF, norms and rotary tables are computed in fp32.
+
+Inference keeps keys/values in a `KVCache` of fixed slots. The caller says where each new token
+sits (`positions`, one row per slot), which is what lets the engine batch sequences of different
+lengths and let sequences join and leave between decode steps (continuous batching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape. Field names follow HF `LlamaConfig` / `Qwen2Config`."""
+    arch: str = "llama"                  # "llama" or "qwen2" (qwen2 adds q/k/v biases)
+    vocab_size: int = 512                # set from the tokenizer when training from scratch
+    hidden_size: int = 128               # model width
+    intermediate_size: int = 384         # SwiGLU inner width
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2         # < num_attention_heads means grouped-query attention
+    head_dim: int = 0                    # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 512   # longest sequence (prompt + completion)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
+    initializer_range: float = 0.02      # std of the normal init
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.arch == "qwen2"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def num_parameters(self) -> int:
+        d, h, kv, hd = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        attn = d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.attention_bias else 0)
+        layer = attn + 3 * d * self.intermediate_size + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_hidden_layers * layer + d + head
+
+    def flops_per_token(self) -> int:
+        """Forward matmul FLOPs per token (2 x weights touched), attention scores excluded."""
+        embed = self.vocab_size * self.hidden_size
+        return 2 * (self.num_parameters() - embed * (1 if self.tie_word_embeddings else 2) + embed)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF does), scale in the model dtype.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rotary_tables(config: ModelConfig, device, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [length, head_dim] in fp32 (HF's layout: frequencies repeated twice)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, hd]; cos/sin: [B, 1, T, hd] already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values for `batch` slots of up to `max_len` tokens each.
+
+    k[layer], v[layer]: [batch, kv_heads, max_len, head_dim]. The cache does not track lengths:
+    the caller passes each new token's position, the token is written there, and a query sees
+    only keys at positions <= its own. A slot can be reused by writing from position 0 again.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.batch, self.max_len = batch, max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, h * hd, bias=bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.heads, self.kv_heads, self.head_dim = h, kv, hd
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.heads != self.kv_heads
+        if cache is None:  # training / full recompute: plain causal attention
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            # Write the new keys/values at their positions, then attend over the used prefix.
+            kc, vc = cache.k[layer], cache.v[layer]
+            kc[slots[:, None], :, positions] = k.transpose(1, 2)
+            vc[slots[:, None], :, positions] = v.transpose(1, 2)
+            used = mask.shape[-1]
+            kc, vc = kc[slots, :, :used], vc[slots, :, :used]
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """HF's `model.` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_cache: tuple | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms (HF's init)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * self.config.initializer_range)
+
+    def _rotary(self, positions: torch.Tensor, dtype):
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        cached = self._rope_cache
+        if cached is None or cached[0].shape[0] < need or cached[0].device != positions.device:
+            length = max(need, self.config.max_position_embeddings)
+            self._rope_cache = cached = rotary_tables(self.config, positions.device, length)
+        cos, sin = cached
+        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, dim].
+
+        input_ids: [B, T]. Without a cache: a causal forward over positions 0..T-1 (training;
+        right padding is harmless because real tokens never attend forward to pads).
+        With a cache: positions [B, T] say where each token goes in slot `slots[b]` (default:
+        slot b); each query attends to its own slot's keys at positions <= its own.
+        """
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        mask = None
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if cache is not None:
+            if slots is None:
+                slots = torch.arange(B, device=input_ids.device)
+            used = int(positions.max()) + 1
+            key_pos = torch.arange(used, device=input_ids.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,used]
+        cos, sin = self._rotary(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, slots, positions, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, positions=None, cache=None, slots=None) -> torch.Tensor:
+        """Logits [B, T, vocab]."""
+        return self.lm_head(self.hidden(input_ids, positions, cache, slots))
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """State dict as it goes to disk: HF names, lm_head dropped when tied, contiguous."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        state = dict(state)
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if strict and (missing or unexpected):
+            raise KeyError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the weights in a canonical order (name, dtype, shape, raw bytes).
+
+    Identical for a run's checkpoint, its HF export and a re-import, whatever the file layout.
+    """
+    import hashlib
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: Transformer) -> str:
+    return weights_fingerprint(model.checkpoint_state())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def estimate_train_flops(config: ModelConfig, tokens: int) -> float:
+    """6 x params x tokens (forward + backward), the usual estimate (Kaplan et al. 2020)."""
+    return 3.0 * config.flops_per_token() * tokens
+
+

@@ -1,0 +1,40 @@
+"""Progress for long work: a tqdm bar on a terminal, plain log lines when not a TTY (CI, logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, start: int = 0, every: int = 10, enabled: bool = True):
+        self.total, self.desc, self.every, self.n = total, desc, max(1, every), start
+        self.enabled = enabled
+        self.bar = None
+        self.started = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+        elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
+            fields = " ".join(f"{k}={_short(v)}" for k, v in postfix.items())
+            elapsed = time.perf_counter() - self.started
+            print(f"[{self.desc}] {self.n}/{self.total} {fields} ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,74 @@
+"""report.md and its plots, written from a run folder's metrics.jsonl and summary.json.
+
+    python -m tandem.cli report runs/demo     (the pipeline calls write_report at its end)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tandem.ledger import Ledger
+from tandem.runs import read_metrics, read_summary
+
+
+def plot_series(run_dir: Path, phase: str, key: str, filename: str, title: str) -> str | None:
+    records = [r for r in read_metrics(run_dir, phase) if key in r]
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot([r["step"] for r in records], [r[key] for r in records], color="#2b6cb0")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(exist_ok=True)
+    fig.savefig(plots / filename)
+    plt.close(fig)
+    return f"plots/{filename}"
+
+
+def _accuracy_table(evals: dict) -> list[str]:
+    lines = ["| stage | task | n | accuracy | format rate | avg tokens |", "|---|---|---:|---:|---:|---:|"]
+    for stage, by_task in evals.items():
+        for task, r in by_task.items():
+            lines.append(f"| {stage} | {task} | {r['n']} | {r['accuracy']:.1%} | {r['format_rate']:.1%} | "
+                         f"{r.get('avg_tokens', 0):.1f} |")
+    return lines
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    lines = [f"# tandem run `{run_dir.name}`", ""]
+    lines += [f"Preset `{config.get('preset') or 'custom'}`, {summary.get('parameters', 0):,} parameters, "
+              f"tasks: {', '.join(config['data']['tasks'])}.", ""]
+    if summary.get("evals"):
+        lines += ["## Held-out accuracy (greedy pass@1)", ""] + _accuracy_table(summary["evals"]) + [""]
+    sft = summary.get("sft")
+    if sft:
+        lines += ["## SFT", "", f"{sft['steps']} steps on `{sft['device']}`, "
+                  f"{sft['tokens_per_s'] or 0:,.0f} tokens/s, {sft['seconds']:.1f} s of compute.", ""]
+        plot = plot_series(run_dir, "sft", "loss", "sft_loss.png", "SFT loss (assistant tokens)")
+        if plot:
+            lines += [f"![SFT loss]({plot})", ""]
+    if summary.get("ledger"):
+        lines += ["## Compute ledger", "", Ledger.from_dict(summary["ledger"]).markdown(), ""]
+    samples = summary.get("samples", {})
+    if samples:
+        lines += ["## Sample answers", ""]
+        for task, items in samples.items():
+            for item in items:
+                mark = "correct" if item["correct"] else f"wrong (reference {item['reference']})"
+                lines += [f"**{task}** — {item['prompt']} — {mark}", "", "```", item["completion"], "```", ""]
+    for extra in summary.get("report_sections", []):
+        lines += [extra, ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,1 @@
+"""Training: SFT, checkpoints (and later GRPO, roles, resilience)."""

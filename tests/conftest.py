@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models and configs built inside the tests (no downloads, CPU only)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_model_config(**overrides):
+    from tandem.model import ModelConfig
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return ModelConfig(**{**base, **overrides})
+
+
+def run_tandem(*args, timeout=300, env=None):
+    """Run the real `tandem` CLI in a subprocess; returns CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "tandem.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One `tandem pipeline --preset smoke` run shared by the CLI tests."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    result = run_tandem("pipeline", "--preset", "smoke", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,49 @@
+"""The device layer: resolution, dtypes, backends, RNG round trip, and clear errors."""
+
+import random
+
+import pytest
+import torch
+
+from tandem import accel
+from tandem.errors import DeviceError
+
+
+def test_resolve_cpu_and_auto():
+    assert accel.resolve_device("cpu") == torch.device("cpu")
+    assert accel.resolve_device("auto").type in ("cpu",) + accel.ACCELERATOR_KINDS
+    assert "cpu" in accel.available_devices()
+
+
+@pytest.mark.parametrize("spec", ["cuda", "npu:0", "xpu", "mps"])
+def test_missing_accelerator_lists_available(spec):
+    if accel.kind_available(spec.split(":")[0]):
+        pytest.skip(f"{spec} exists here")
+    with pytest.raises(DeviceError, match=r"not available.*available here: cpu"):
+        accel.resolve_device(spec)
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "tpu:0"])
+def test_unknown_device_names_choices(spec):
+    with pytest.raises(DeviceError, match="unknown device"):
+        accel.resolve_device(spec)
+
+
+def test_cpu_dtypes_and_backend():
+    assert {"fp32", "bf16"} <= set(accel.supported_dtypes("cpu"))
+    assert accel.resolve_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(DeviceError, match="unknown dtype"):
+        accel.resolve_dtype("fp8", "cpu")
+    assert accel.dist_backend("cpu") == "gloo"
+    assert accel.DIST_BACKENDS["npu"] == "hccl" and accel.DIST_BACKENDS["cuda"] == "nccl"
+
+
+def test_rng_state_round_trip_is_exact():
+    import json
+    accel.manual_seed(3)
+    state = json.loads(json.dumps(accel.get_rng_state()))  # survives JSON, as in a checkpoint
+    first = (random.random(), torch.rand(3), torch.randn(2))
+    random.random(), torch.rand(5)
+    accel.set_rng_state(state)
+    again = (random.random(), torch.rand(3), torch.randn(2))
+    assert first[0] == again[0] and torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])

@@ -1,0 +1,101 @@
+"""The real `tandem` command in subprocesses: the smoke pipeline end to end, and bad input."""
+
+import json
+
+import pytest
+
+from conftest import run_tandem
+
+
+def test_pipeline_writes_a_complete_run(smoke_run):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "report.md", "plots/sft_loss.png",
+                 "tokenizer/tokenizer.json"):
+        assert (smoke_run / name).is_file(), name
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    result = summary["evals"]["sft"]["addition"]
+    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0
+    assert summary["parameters"] > 0 and summary["sft"]["tokens_per_s"] > 0
+    assert {row["phase"] for row in summary["ledger"]} >= {"sft", "eval"}
+    assert "![SFT loss](plots/sft_loss.png)" in (smoke_run / "report.md").read_text()
+
+
+def test_eval_json(smoke_run):
+    result = run_tandem("eval", "--model", smoke_run, "--task", "addition", "--n", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["task"] == "addition" and data["n"] == 8
+    assert 0 <= data["accuracy"] <= 1 and 0 <= data["format_rate"] <= 1
+
+
+def test_inspect_json_matches_checkpoint(smoke_run):
+    from tandem.loading import load_model
+    result = run_tandem("inspect", smoke_run, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["step"] == 20 and len(data["fingerprint"]) == 64
+    assert data["fingerprint"] == load_model(smoke_run).info["fingerprint"]
+
+
+def test_generate_and_chat(smoke_run):
+    result = run_tandem("generate", "--model", smoke_run, "--prompt", "What is 12 + 7?", "--json",
+                        "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["tokens"] >= 1 and data["finish_reason"] in ("stop", "length")
+    import subprocess
+    import sys
+    from conftest import ROOT
+    chat = subprocess.run([sys.executable, "-m", "tandem.cli", "chat", "--model", str(smoke_run),
+                           "--max-new-tokens", "30"], input="What is 1 + 2?\n\n", capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert chat.returncode == 0 and "tandem>" in chat.stdout
+
+
+def test_doctor():
+    result = run_tandem("doctor", "--json")
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    assert "cpu" in data["devices"] and "fp32" in data["devices"]["cpu"]["dtypes"]
+    assert data["devices"]["cpu"]["dist_backend"] == "gloo"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sft", "--preset", "nope", "--out", "{tmp}/a"], "known presets"),
+    (["sft", "--preset", "smoke", "--set", "sft.stpes=1", "--out", "{tmp}/a"], "unknown config key 'sft.stpes'"),
+    (["sft", "--preset", "smoke", "--set", "sft.steps=x", "--out", "{tmp}/a"], "'sft.steps' must be int"),
+    (["sft", "--preset", "smoke", "--set", 'data.tasks=["chess"]', "--out", "{tmp}/a"], "known tasks"),
+    (["sft", "--preset", "smoke", "--set", "run.device=cuda:7", "--out", "{tmp}/a"], "available here"),
+    (["sft", "--preset", "smoke", "--set", 'data.tasks=["{tmp}/missing.jsonl"]', "--out", "{tmp}/a"],
+     "not found"),
+    (["eval", "--model", "{tmp}/nothing"], "model path not found"),
+    (["eval", "--model", "{tmp}"], "not a tandem run"),
+    (["inspect", "{tmp}"], "not a tandem run"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    result = run_tandem(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": 5}\n')
+    result = run_tandem("sft", "--preset", "smoke", "--set", f'data.tasks=["{data}"]', "--out", tmp_path / "r")
+    assert result.returncode == 2 and f"{data}:2" in result.stderr
+
+
+def test_run_folder_with_a_different_config_is_refused(smoke_run, tmp_path):
+    before = (smoke_run / "config.json").read_text()
+    result = run_tandem("sft", "--preset", "smoke", "--set", "sft.steps=21", "--out", smoke_run)
+    assert result.returncode == 2 and "different config" in result.stderr and "sft.steps" in result.stderr
+    assert (smoke_run / "config.json").read_text() == before
+
+
+def test_rerun_of_a_finished_run_resumes_and_changes_nothing(smoke_run):
+    from tandem.loading import load_model
+    before = load_model(smoke_run).info["fingerprint"]
+    result = run_tandem("sft", "--preset", "smoke", "--out", smoke_run, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert load_model(smoke_run).info["fingerprint"] == before

@@ -1,0 +1,50 @@
+"""Presets load, overrides apply, and every mistake names the key and what is allowed."""
+
+import pytest
+
+from tandem.config import config_from_dict, load_config, parse_override, presets
+from tandem.errors import ConfigError
+
+
+def test_presets_exist_and_load():
+    assert {"smoke", "tiny"} <= set(presets())
+    for name in presets():
+        cfg = load_config(preset=name)
+        assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_overrides_apply_with_toml_types():
+    cfg = load_config(preset="smoke", overrides=["sft.steps=7", "sft.lr=1e-3", "run.device=cpu",
+                                                 'data.tasks=["addition", "countdown"]', "sft.dtype=bf16"])
+    assert (cfg.sft.steps, cfg.sft.lr, cfg.run.device, cfg.data.tasks, cfg.sft.dtype) == \
+        (7, 1e-3, "cpu", ["addition", "countdown"], "bf16")
+    assert parse_override("model.hidden_size=64") == ("model", "hidden_size", 64)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("sft.stpes=3", "unknown config key 'sft.stpes'"),
+    ("sft.steps=abc", "'sft.steps' must be int"),
+    ("nosuch.key=1", "unknown config section 'nosuch'"),
+    ("sftsteps", "--set section.key=value"),
+    ("sft.dtype=fp8", "sft.dtype"),
+    ("model.num_key_value_heads=3", "a divisor of model.num_attention_heads"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="smoke", overrides=[override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="known presets: .*smoke.*tiny"):
+        load_config(preset="huge")
+
+
+def test_config_file(tmp_path):
+    path = tmp_path / "my.toml"
+    path.write_text('[sft]\nsteps = 3\n[data]\ntasks = ["countdown"]\n')
+    cfg = load_config(path=path)
+    assert cfg.sft.steps == 3 and cfg.data.tasks == ["countdown"]
+    path.write_text("[sft\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path=path)
