@@ -74,21 +74,21 @@ class EvalConfig:
     dtype: str = "fp32"
 
 
+# Every config section: name -> dataclass. A feature adds its section here (one line) and the
+# dataclass above; Config, validation, presets and --set pick it up from this table.
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
     "sft": SFTConfig, "eval": EvalConfig,
 }
 
 
-@dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    preset: str = ""
+    """One instance of every section (cfg.sft, cfg.model, ...) plus the preset's name."""
+
+    def __init__(self, preset: str = ""):
+        self.preset = preset
+        for name, section in SECTIONS.items():
+            setattr(self, name, section())
 
     def to_dict(self) -> dict:
         out = {"preset": self.preset}
