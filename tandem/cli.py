@@ -5,6 +5,7 @@
     tandem eval     --model runs/demo [--task addition] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
     tandem chat     --model runs/demo                 terminal chat, thinking shown dimmed
+    tandem serve    --model runs/demo                 OpenAI-compatible server + web chat on :8000
     tandem inspect  runs/demo [--json]                step, config, parameters, weight fingerprint
     tandem doctor                                     devices, dtypes, backends, versions
 
@@ -21,6 +22,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tandem import cli_serve  # noqa: E402
 from tandem.errors import TandemError  # noqa: E402
 
 
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
 
+    cli_serve.add_parser(sub)
+
     p = sub.add_parser("inspect", help="step, config, parameters and weight fingerprint of a model")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -95,6 +99,7 @@ def cmd_pipeline(args) -> int:
     run_dir = run_pipeline(_config(args), args.out, progress=not args.quiet)
     print(f"done: {run_dir} (report: {run_dir / 'report.md'})")
     print(f"try it: tandem chat --model {run_dir}")
+    print(f"serve it: tandem serve --model {run_dir}   (OpenAI API + web chat on http://127.0.0.1:8000/)")
     return 0
 
 
@@ -245,6 +250,7 @@ def cmd_doctor(args) -> int:
 
 COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate,
             "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor}
+COMMANDS["serve"] = cli_serve.cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,97 @@
+"""`tandem serve`: the OpenAI-compatible chat server and web chat page for a trained model.
+
+    tandem serve --model runs/demo                           # http://127.0.0.1:8000/ (chat page)
+    tandem serve --model runs/demo --backend torch:cpu:bf16 --port 9000 --max-batch 64
+
+The port opens at once; the model loads in the background (endpoints answer 503 until it is
+ready). Ctrl-C stops accepting connections, lets in-flight requests finish for up to
+--shutdown-timeout seconds, then ends the rest. See tandem/infer/server.py for the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tandem.errors import TandemError
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="OpenAI-compatible chat server and web chat page")
+    p.add_argument("--model", required=True, help="a tandem run folder, checkpoint folder or HF model folder")
+    p.add_argument("--backend", help="torch:DEVICE[:DTYPE], e.g. torch:cpu:bf16 (overrides --device/--dtype)")
+    p.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|xpu|mps (default cpu)")
+    p.add_argument("--dtype", default="fp32", help="fp32|bf16|fp16 (default fp32)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the model id clients send (default: the model folder's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot; beyond: 429 (default 256)")
+    p.add_argument("--max-len", type=int, help="context length (default: the model's, at most 4096)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--seed", type=int, default=0, help="seeds requests that do not send one")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on Ctrl-C (default 10)")
+    return p
+
+
+def _device_dtype(args) -> tuple[str, str]:
+    if not args.backend:
+        return args.device, args.dtype
+    from tandem.infer.backends import parse_backend
+    spec = parse_backend(args.backend)
+    if spec.kind != "torch":
+        raise TandemError(f"tandem serve runs the torch backend only for now, got '{args.backend}'; "
+                          f"use --backend torch:DEVICE[:DTYPE]")
+    return spec.device, spec.dtype
+
+
+def cmd_serve(args) -> int:
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--port", args.port, 0), ("--max-body-bytes", args.max_body_bytes, 1)):
+        if value < low:
+            raise TandemError(f"{flag} must be >= {low}, got {value}")
+    model = Path(args.model)
+    if not model.exists():
+        raise TandemError(f"model path not found: {model}")
+    device, dtype = _device_dtype(args)
+    from tandem import accel
+    accel.resolve_dtype(dtype, accel.resolve_device(device))    # fail now, not in the background
+    try:
+        import uvicorn
+
+        from tandem.infer.server import ServeConfig, create_app
+    except ImportError as exc:
+        raise TandemError(f"tandem serve needs {exc.name}: pip install 'tandem[serve]'") from None
+    from tandem.loading import load_model
+
+    accel.set_threads(args.threads)
+    logger = logging.getLogger("tandem.serve")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.StreamHandler())
+    name = args.name or model.resolve().name
+    config = ServeConfig(name=name, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
+                         max_body_bytes=args.max_body_bytes, seed=args.seed)
+    failed: list[Exception] = []
+
+    def on_load_error(exc: Exception) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(lambda: load_model(model, device, dtype), config, on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    print(f"serving {name} on http://{args.host}:{args.port}/ (OpenAI API under /v1; loading the model...)",
+          flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:        # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        pass
+    if failed:
+        raise failed[0] if isinstance(failed[0], TandemError) else TandemError(f"loading the model failed: {failed[0]}")
+    if not server.started:
+        raise TandemError(f"could not listen on {args.host}:{args.port} (is the port in use?)")
+    print("stopped", flush=True)
+    return 0

@@ -1,0 +1,543 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over real loopback HTTP.
+
+    .venv/bin/python -m pytest tests/test_server.py
+
+Two tiny models are built here (no checkpoint, no download): `memo` memorised one reasoning
+reply to one question (so greedy output is known exactly: thinking, answer, a multi-byte
+character split over byte-level tokens), `rand` has random weights (diverse samples, rarely
+stops). Each runs under a real uvicorn on a free 127.0.0.1 port in a thread. Also here: the
+pure text helpers (incremental decoding, stop strings, the thinking/answer splitter) and the
+`tandem serve` command itself on a checkpoint of the memorising model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tandem.loading import LoadedModel
+from tandem.model import ModelConfig, Transformer
+from tandem.reasoning import format_reasoning
+from tandem.tokenizer import train_tokenizer
+
+QUESTION = "What is 12 + 7?"
+THINKING, ANSWER = "units: 2 + 7 = 9\ntens: 1 + 0 = 1\nso 12 + 7 = 19 ✓", "19"
+REPLY = format_reasoning(THINKING, ANSWER)
+MESSAGES = [{"role": "user", "content": QUESTION}]
+
+
+# -----------------------------------------------------------------------------------------------
+# Helpers (test_web.py and test_server_schema.py import these)
+
+
+def build_tokenizer():
+    texts = [f"What is {a} + {b}? " + format_reasoning(f"{a} + {b} = {a + b}", str(a + b))
+             for a in range(30) for b in range(10)]
+    return train_tokenizer(texts + [REPLY], vocab_size=300)
+
+
+def _model(tok, seed: int) -> Transformer:
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = Transformer(config)
+    model.reset_parameters(seed=seed)
+    return model
+
+
+def memorized_model(tok) -> Transformer:
+    """A model that answers QUESTION with exactly REPLY (150 Adam steps on that one chat, ~3 s)."""
+    torch.manual_seed(0)
+    model = _model(tok, seed=0)
+    ids, mask = tok.encode_chat(MESSAGES + [{"role": "assistant", "content": REPLY}])
+    x, y, w = torch.tensor([ids[:-1]]), torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.float)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = (F.cross_entropy(model(x)[0], y, reduction="none") * w).sum() / w.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def random_model(tok) -> Transformer:
+    return _model(tok, seed=1).eval()
+
+
+class LiveServer:
+    """create_app() under a real uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, model, tok, name: str = "tiny", load=None, **config):
+        import uvicorn
+
+        from tandem.infer.server import ServeConfig, create_app
+        self.name = name
+        loader = load or (lambda: LoadedModel(model, tok, {"kind": "test"}))
+        self.app = create_app(loader, ServeConfig(name=name, **config))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, wait_ready: bool = True) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.server.started and (not wait_ready or httpx.get(self.url + "/health").status_code == 200):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("the test server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    @property
+    def state(self):
+        return self.app.state.tandem
+
+    def slow_down(self, seconds: float) -> None:
+        """Make every engine step take at least `seconds` (to hold requests in flight)."""
+        engine = self.state.engine_loop.engine
+        step = type(engine).step
+        engine.step = lambda: (time.sleep(seconds), step(engine))[1]
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled samples of /metrics."""
+        out = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                key, value = line.split()
+                out[key] = float(value)
+        return out
+
+    def wait_idle(self, timeout: float = 5.0) -> dict[str, float]:
+        deadline = time.time() + timeout
+        while True:
+            m = self.metrics()
+            if (m["tandem_requests_inflight"] == 0 and m["tandem_requests_running"] == 0) or time.time() > deadline:
+                return m
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def memo(tok):
+    torch.set_num_threads(1)
+    server = LiveServer(memorized_model(tok), tok, name="memo").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def rand(tok):
+    server = LiveServer(random_model(tok), tok, name="rand", max_body_bytes=20_000).start()
+    yield server
+    server.stop()
+
+
+def error_json(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# -----------------------------------------------------------------------------------------------
+# Pure helpers: incremental decoding, stop strings, reasoning split
+
+
+def test_text_stream_emits_whole_characters(tok):
+    from tandem.infer.server import TextStream
+    ids = tok.encode(REPLY)
+    assert any(tok.decode([i]).endswith("\ufffd") for i in ids), "the reply must split a character"
+    stream = TextStream(tok, [])
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids) == REPLY
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_stream_stop_strings(tok):
+    from tandem.infer.server import TextStream
+    ids = tok.encode(REPLY)
+    stream = TextStream(tok, ["= 19", "never"])
+    out = ""
+    for i in ids:
+        out += stream.push(i)
+        assert not out.endswith("="), "a possible stop-string start must be held back"
+        if stream.stopped:
+            break
+    assert stream.stopped and out + stream.flush() == REPLY[:REPLY.index("= 19")]
+
+
+def test_reasoning_splitter_any_split_equals_whole():
+    from tandem.infer.server import ReasoningSplitter, split_reasoning
+    assert split_reasoning(REPLY) == (THINKING, ANSWER)
+    assert split_reasoning("no tags at all ") == ("", "no tags at all")
+    assert split_reasoning("<think>\nunfinished thought") == ("unfinished thought", "")
+    rng = random.Random(0)
+    for text in (REPLY, "<think> a  b </think> c <answer> d </answer>", "x<thin", "<think>\n\n</think>"):
+        whole = split_reasoning(text)
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(len(text) + 1), k=min(4, len(text))))
+            splitter, got = ReasoningSplitter(), ["", ""]
+            for a, b in zip([0] + cuts, cuts + [len(text)]):
+                r, c = splitter.push(text[a:b])
+                got = [got[0] + r, got[1] + c]
+            r, c = splitter.push("", final=True)
+            assert (got[0] + r, got[1] + c) == whole, (text, cuts)
+
+
+# -----------------------------------------------------------------------------------------------
+# Chat completions with the official client
+
+
+def test_chat_splits_thinking_and_answer_and_counts_tokens(memo, tok):
+    r = memo.client().chat.completions.create(model="memo", messages=MESSAGES, temperature=0)
+    msg = r.choices[0].message
+    assert (msg.reasoning_content, msg.content) == (THINKING, ANSWER)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(tok.encode_prompt(MESSAGES))
+    assert r.usage.completion_tokens == len(tok.encode(REPLY)) + 1          # + <|im_end|>
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_deltas_add_up_to_the_message(memo, tok):
+    chunks = list(memo.client().chat.completions.create(
+        model="memo", messages=MESSAGES, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    assert (reasoning, content) == (THINKING, ANSWER)
+    first_content = next(i for i, d in enumerate(deltas) if d.content)
+    assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_content:])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(tok.encode(REPLY)) + 1
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_async_client_concurrent_requests_match_sequential(rand):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=rand.url + "/v1", api_key="unused", max_retries=0)
+
+        async def one(seed, stream):
+            kw = dict(model="rand", messages=[{"role": "user", "content": f"hi {seed}"}], max_tokens=12,
+                      temperature=1.0, seed=seed)
+            if not stream:
+                r = await client.chat.completions.create(**kw)
+                m = r.choices[0].message
+                return (m.reasoning_content or "") + "|" + (m.content or ""), r.usage.completion_tokens
+            text, n = ["", ""], None
+            stream = await client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+            async for chunk in stream:
+                if chunk.choices:
+                    d = chunk.choices[0].delta
+                    text[0] += getattr(d, "reasoning_content", None) or ""
+                    text[1] += d.content or ""
+                else:
+                    n = chunk.usage.completion_tokens
+            return "|".join(text), n
+        together = await asyncio.gather(*[one(s, s % 2 == 0) for s in range(8)])
+        alone = [await one(s, s % 2 == 1) for s in range(8)]
+        await client.close()
+        return together, alone
+    together, alone = asyncio.run(main())
+    assert together == alone                    # batching, streaming and seeds do not change outputs
+    assert all(0 < n <= 12 for _, n in together)
+    assert len({text for text, _ in together}) > 4
+
+
+def test_n_choices_and_seed_reproducibility(rand):
+    client = rand.client()
+    kw = dict(model="rand", messages=MESSAGES, max_tokens=10, temperature=1.0, n=3, seed=1234, logprobs=True)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]            # same seed, same choices
+    assert len(set(texts)) > 1                                          # choice i uses seed + i
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    assert a.usage.completion_tokens == sum(len(c.logprobs.content) for c in a.choices)
+    other = client.chat.completions.create(**{**kw, "seed": 99})
+    assert [c.message.content for c in other.choices] != texts
+
+
+def test_logprobs_and_top_logprobs(memo, tok):
+    r = memo.client().chat.completions.create(model="memo", messages=MESSAGES, temperature=0, logprobs=True,
+                                              top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert b"".join(bytes(e.bytes) for e in content[:-1]).decode() == REPLY
+    for entry in content:
+        tops = entry.top_logprobs
+        assert len(tops) == 3 and entry.logprob <= 0
+        assert [t.logprob for t in tops] == sorted((t.logprob for t in tops), reverse=True)
+        assert tops[0].token == entry.token                           # greedy: the top choice
+    assert content[-1].token == "<|im_end|>"
+
+
+def test_stop_strings(memo):
+    client = memo.client()
+    r = client.chat.completions.create(model="memo", messages=MESSAGES, temperature=0, stop=["= 9", "zzz"])
+    msg = r.choices[0].message
+    assert (msg.reasoning_content, msg.content, r.choices[0].finish_reason) == ("units: 2 + 7", "", "stop")
+    chunks = list(client.chat.completions.create(model="memo", messages=MESSAGES, temperature=0, stop="= 9",
+                                                 stream=True))
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == "units: 2 + 7"
+    c = client.completions.create(model="memo", prompt=[tok_prompt(memo)], max_tokens=60, temperature=0, stop="✓")
+    assert c.choices[0].text == REPLY[:REPLY.index("✓")] and c.choices[0].finish_reason == "stop"
+    assert memo.wait_idle()["tandem_requests_running"] == 0
+
+
+def tok_prompt(server) -> str:
+    return server.state.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+
+
+# -----------------------------------------------------------------------------------------------
+# Text completions and models
+
+
+def test_completions_raw_text_with_tags(memo, tok):
+    client = memo.client()
+    r = client.completions.create(model="memo", prompt=tok_prompt(memo), max_tokens=60, temperature=0, logprobs=2)
+    assert r.choices[0].text == REPLY and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(r.choices[0].logprobs.tokens) == len(tok.encode(REPLY)) + 1
+    assert all(len(t) == 2 for t in r.choices[0].logprobs.top_logprobs)
+    ids = tok.encode(tok_prompt(memo))
+    r2 = client.completions.create(model="memo", prompt=[ids, ids], max_tokens=60, temperature=0)
+    assert [c.text for c in r2.choices] == [REPLY, REPLY] and r2.usage.prompt_tokens == 2 * len(ids)
+    r3 = client.completions.create(model="memo", prompt=tok_prompt(memo), max_tokens=3, temperature=0)
+    assert r3.choices[0].finish_reason == "length" and r3.usage.completion_tokens == 3
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="memo", prompt=tok_prompt(memo), max_tokens=60, temperature=0, stream=True))
+    assert streamed == REPLY
+
+
+def test_models_health_and_web_page(memo):
+    models = memo.client().models.list()
+    assert [m.id for m in models.data] == ["memo"]
+    assert httpx.get(memo.url + "/health").json()["status"] == "ok"
+    page = httpx.get(memo.url + "/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert httpx.get(memo.url + "/static/app.js").status_code == 200
+
+
+# -----------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_bad_requests_get_openai_json_errors(memo):
+    client = memo.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    assert e.value.body["param"] == "model" and "memo" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="memo", messages=MESSAGES, temperature=3)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="memo", messages=[{"role": "user", "content": "x" * 2000}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="memo", messages=MESSAGES, max_tokens=500)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="memo", messages=MESSAGES, presence_penalty=1.0)
+    assert e.value.body["param"] == "presence_penalty"
+    url = memo.url + "/v1/chat/completions"
+    cases = [(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400),
+             (httpx.post(url, json=[1, 2]), 400),
+             (httpx.post(url, json={"model": "memo", "messages": [{"role": "robot", "content": "hi"}]}), 400),
+             (httpx.post(url, json={"model": "memo", "messages": MESSAGES, "n": 0}), 400),
+             (httpx.post(url, json={"model": "memo", "messages": MESSAGES, "stop": [""]}), 400),
+             (httpx.get(memo.url + "/v1/nothing"), 404),
+             (httpx.get(url), 405)]
+    for response, status in cases:
+        assert response.status_code == status, response.text
+        error_json(response)
+
+
+def test_oversized_body_is_413(rand):
+    r = httpx.post(rand.url + "/v1/chat/completions",
+                   json={"model": "rand", "messages": [{"role": "user", "content": "x" * 30_000}]})
+    assert r.status_code == 413 and error_json(r)["code"] == "request_too_large"
+
+
+def test_overload_answers_429_fast_and_disconnect_frees_the_slot(tok):
+    server = LiveServer(random_model(tok), tok, name="small", max_batch=1, max_queue=1).start()
+    try:
+        server.slow_down(0.02)
+        body = {"model": "small", "messages": MESSAGES, "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", server.url + "/v1/chat/completions", json=body) as first, \
+                    http.stream("POST", server.url + "/v1/chat/completions", json=body) as second:
+                assert first.status_code == second.status_code == 200
+                deadline = time.time() + 5
+                while time.time() < deadline:                           # first generating, second queued
+                    m = server.metrics()
+                    if (m["tandem_requests_running"], m["tandem_queue_depth"], m["tandem_requests_inflight"]) \
+                            == (1, 1, 2):
+                        break
+                else:
+                    pytest.fail(f"expected 1 running and 1 queued, got {m}")
+                started = time.perf_counter()
+                with pytest.raises(openai.RateLimitError) as e:
+                    server.client().chat.completions.create(model="small", messages=MESSAGES, max_tokens=5)
+                assert time.perf_counter() - started < 1.0
+                assert e.value.body["code"] == "rate_limit_exceeded"
+            # both streams closed mid-generation: their slots are free again at once
+            m = server.wait_idle(2.0)
+            assert (m["tandem_requests_inflight"], m["tandem_requests_running"], m["tandem_queue_depth"]) == (0, 0, 0)
+            assert m["tandem_requests_cancelled_total"] == 2 and m["tandem_requests_rejected_total"] == 1
+            assert m["tandem_generation_tokens_total"] < 100
+            r = server.client().chat.completions.create(model="small", messages=MESSAGES, max_tokens=5)
+            assert r.usage.completion_tokens <= 5
+    finally:
+        server.stop()
+
+
+def test_non_streaming_disconnect_cancels(tok):
+    server = LiveServer(random_model(tok), tok, name="small").start()
+    try:
+        server.slow_down(0.02)
+        body = {"model": "small", "messages": MESSAGES, "max_tokens": 100, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
+        m = server.wait_idle(3.0)
+        assert m["tandem_requests_inflight"] == 0 and m["tandem_requests_cancelled_total"] == 1
+        assert m["tandem_generation_tokens_total"] < 100
+    finally:
+        server.stop()
+
+
+def test_503_while_loading(tok):
+    gate = threading.Event()
+    model = random_model(tok)
+
+    def load():
+        gate.wait(20)
+        return LoadedModel(model, tok, {})
+    server = LiveServer(None, tok, name="late", load=load).start(wait_ready=False)
+    try:
+        for r in (httpx.get(server.url + "/health"),
+                  httpx.post(server.url + "/v1/chat/completions", json={"model": "late", "messages": MESSAGES})):
+            assert r.status_code == 503 and error_json(r)["code"] == "model_loading"
+        assert httpx.get(server.url + "/").status_code == 200        # the page is up before the model
+        gate.set()
+        deadline = time.time() + 10
+        while httpx.get(server.url + "/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.client().chat.completions.create(model="late", messages=MESSAGES, max_tokens=3).choices
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(rand):
+    engine = rand.state.engine_loop.engine
+    real = type(engine).step
+
+    def broken():
+        engine.step = lambda: real(engine)          # fail once, then work again
+        raise RuntimeError("simulated device fault")
+    engine.step = broken
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            rand.client().chat.completions.create(model="rand", messages=MESSAGES, max_tokens=4)
+        assert "simulated device fault" in e.value.body["message"]
+        r = rand.client().chat.completions.create(model="rand", messages=MESSAGES, max_tokens=4)
+        assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
+    finally:
+        engine.__dict__.pop("step", None)
+    assert rand.wait_idle()["tandem_requests_inflight"] == 0
+
+
+def test_graceful_shutdown_finishes_in_flight_stream(tok):
+    server = LiveServer(random_model(tok), tok, name="bye").start()
+    server.slow_down(0.01)
+    body = {"model": "bye", "messages": MESSAGES, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if "content" in line)
+        server.server.should_exit = True                      # what Ctrl-C does
+        rest = [line for line in lines if line.startswith("data: ")]
+    server.thread.join(15)
+    assert not server.thread.is_alive()
+    assert rest[-1] == "data: [DONE]"
+    finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in rest[:-1]]
+    assert finishes[-1] == "length"
+
+
+# -----------------------------------------------------------------------------------------------
+# The `tandem serve` command
+
+
+def save_as_checkpoint(model: Transformer, tok, root) -> str:
+    """Write `model` + `tok` as a committed tandem checkpoint (what `tandem sft` writes); returns its folder."""
+    from tandem.train.checkpoint import save_checkpoint
+    tok.save(root / "tokenizer")
+    files = {name: root / "tokenizer" / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    files["model_config.json"] = json.dumps(model.config.to_dict()).encode()
+    return str(save_checkpoint(root / "checkpoints", 150, model.checkpoint_state(), {"phase": "sft"},
+                               extra_files=files))
+
+
+def test_serve_command_end_to_end(memo, tok, tmp_path):
+    folder = save_as_checkpoint(memo.state.engine_loop.engine.model, tok, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--name", "memo",
+                             "--port", str(port), "--threads", "1", "--max-batch", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="memo", messages=MESSAGES, temperature=0)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (THINKING, ANSWER)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert "serving" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/run"], "model path not found"),
+    (["--model", ".", "--backend", "hf:cpu"], "torch backend only"),
+    (["--model", ".", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--model", "tests", "--port", "0"], "is not a tandem run"),            # fails while loading
+])
+def test_serve_command_user_errors(args, message):
+    result = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", *args], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
