@@ -23,6 +23,9 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tandem import cli_serve  # noqa: E402
+from tandem.cli_portability import COMMANDS as PORTABILITY_COMMANDS  # noqa: E402
+from tandem.cli_portability import add_backend_arg, open_for_command  # noqa: E402
+from tandem.cli_portability import add_subcommands as add_portability_subcommands  # noqa: E402
 from tandem.errors import TandemError  # noqa: E402
 
 
@@ -67,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object (a list for several tasks)")
+    add_backend_arg(p)
 
     p = sub.add_parser("generate", help="answer one prompt")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
     _add_sampling_args(p)
     p.add_argument("--json", action="store_true")
+    add_backend_arg(p)
 
     p = sub.add_parser("chat", help="chat in the terminal (thinking shown dimmed)")
     _add_model_args(p)
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="devices, dtypes, distributed backends and versions here")
     p.add_argument("--json", action="store_true")
+    add_portability_subcommands(sub)  # export, parity, preflight
     return parser
 
 
@@ -100,7 +106,9 @@ def cmd_pipeline(args) -> int:
     print(f"done: {run_dir} (report: {run_dir / 'report.md'})")
     print(f"try it: tandem chat --model {run_dir}")
     print(f"serve it: tandem serve --model {run_dir}   (OpenAI API + web chat on http://127.0.0.1:8000/)")
-    return 0
+    from tandem.runs import read_summary
+    refused = [f for f, r in read_summary(run_dir).get("export", {}).items() if not r.get("published", True)]
+    return 1 if refused else 0  # an export refused by its parity gate fails the pipeline
 
 
 def cmd_sft(args) -> int:
@@ -128,15 +136,18 @@ def cmd_eval(args) -> int:
     if args.n < 1:
         raise TandemError(f"--n must be >= 1, got {args.n}")
     tasks = [get_task(name) for name in (args.task or _run_tasks(args.model))]
-    loaded = load_model(args.model, args.device, args.dtype)
-    engine = Engine(loaded.model, max_batch=args.batch_size)
+    if args.backend:
+        engine, tokenizer, info = open_for_command(args, args.batch_size)
+    else:
+        loaded = load_model(args.model, args.device, args.dtype)
+        engine, tokenizer, info = Engine(loaded.model, max_batch=args.batch_size), loaded.tokenizer, loaded.info
     results = []
     for task in tasks:
-        result = evaluate_task(engine, loaded.tokenizer, task, n=args.n, batch_size=args.batch_size,
+        result = evaluate_task(engine, tokenizer, task, n=args.n, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, pass_k=args.pass_k,
                                temperature=args.temperature, progress=not args.json)
         result.pop("samples")
-        result["model"] = loaded.info["path"]
+        result["model"] = info["path"]
         results.append(result)
         if not args.json:
             extra = f", pass@{args.pass_k} {result[f'pass@{args.pass_k}']:.1%}" if args.pass_k else ""
@@ -157,10 +168,13 @@ def cmd_generate(args) -> int:
     from tandem.infer.engine import Engine
     from tandem.loading import load_model
     from tandem.reasoning import parse_reasoning
-    loaded = load_model(args.model, args.device, args.dtype)
-    tok = loaded.tokenizer
+    if args.backend:
+        engine, tok, _ = open_for_command(args, 1)
+    else:
+        loaded = load_model(args.model, args.device, args.dtype)
+        engine, tok = Engine(loaded.model, max_batch=1), loaded.tokenizer
     prompt = tok.encode_prompt([{"role": "user", "content": args.prompt}])
-    generation = Engine(loaded.model, max_batch=1).generate([prompt], _sampling(args, tok.eos_id))[0]
+    generation = engine.generate([prompt], _sampling(args, tok.eos_id))[0]
     text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
     parsed = parse_reasoning(text)
     if args.json:
@@ -237,6 +251,8 @@ def cmd_doctor(args) -> int:
             packages[package] = None
     report["packages"] = dict(packages, **accel.versions())
     report["default_device"] = str(accel.resolve_device("auto"))
+    from tandem.infer.backends import available_backends
+    report["backends"] = available_backends()
     if args.json:
         print(json.dumps(report))
         return 0
@@ -245,11 +261,15 @@ def cmd_doctor(args) -> int:
         print(f"  {name:8s} {dev['name']:24s} dtypes {','.join(dev['dtypes']):14s} backend {dev['dist_backend']}")
     for package, version in report["packages"].items():
         print(f"  {package:18s} {version or 'not installed'}")
+    print("inference backends (--backend):")
+    for b in report["backends"]:
+        runs = ", ".join(b["runs"]) if b["installed"] else f"not installed: {b['install']}"
+        print(f"  {b['backend']:9s} {b['version'] or '-':10s} {runs}")
     return 0
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate,
-            "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor}
+            "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
 COMMANDS["serve"] = cli_serve.cmd_serve
 
 

@@ -74,11 +74,23 @@ class EvalConfig:
     dtype: str = "fp32"
 
 
+@dataclass
+class ExportConfig:
+    """What `tandem pipeline` exports at its end, into runs/NAME/export/FORMAT (tandem/export/)."""
+    formats: list = field(default_factory=lambda: ["hf"])  # "hf" (transformers/vLLM/MindIE), "gguf" (llama.cpp); [] = none
+    hf_dtype: str = "auto"            # HF weights dtype: auto (as trained) | fp32 | bf16 | fp16
+    gguf_type: str = "f16"            # GGUF tensor type: f32 | f16 | q8_0
+    gate: bool = True                 # run the parity gate on each export; a failing export is not published
+    gate_ref: str = "torch:cpu:fp32"  # reference backend: the trained model on tandem's engine
+    gate_target: str = "hf"           # backend that runs the HF export in the gate (GGUF: always llamacpp)
+    gate_n: int = 32                  # held-out prompts in the gate
+
+
 # Every config section: name -> dataclass. A feature adds its section here (one line) and the
 # dataclass above; Config, validation, presets and --set pick it up from this table.
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
-    "sft": SFTConfig, "eval": EvalConfig,
+    "sft": SFTConfig, "eval": EvalConfig, "export": ExportConfig,
 }
 
 
@@ -215,6 +227,12 @@ def validate(cfg: Config) -> None:
            f"<= model.max_position_embeddings ({m.max_position_embeddings})", s.max_seq_len)
     _check(cfg.eval.n >= 1, "eval.n", ">= 1", cfg.eval.n)
     _check(cfg.eval.pass_k >= 0, "eval.pass_k", ">= 0", cfg.eval.pass_k)
+    x = cfg.export
+    _check(all(f in ("hf", "gguf") for f in x.formats) and len(set(x.formats)) == len(x.formats),
+           "export.formats", 'a list of distinct "hf", "gguf"', x.formats)
+    _check(x.hf_dtype in ("auto", "fp32", "bf16", "fp16"), "export.hf_dtype", "auto, fp32, bf16, fp16", x.hf_dtype)
+    _check(x.gguf_type in ("f32", "f16", "q8_0"), "export.gguf_type", "f32, f16, q8_0", x.gguf_type)
+    _check(x.gate_n >= 1, "export.gate_n", ">= 1", x.gate_n)
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

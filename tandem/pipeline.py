@@ -94,6 +94,9 @@ def run_pipeline(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     started = time.perf_counter()
     run_dir = run_sft_stage(cfg, out, progress)
     run_eval_stage(cfg, run_dir, "sft", progress)
+    if cfg.export.formats:  # export + parity gate (tandem/export/__init__.py, [export] in the config)
+        from tandem.export import run_export_stage
+        run_export_stage(cfg, run_dir, progress)
     update_summary(run_dir, wall_seconds=time.perf_counter() - started)
     report = write_report(run_dir)
     log(f"report: {report}")

@@ -1,0 +1,206 @@
+"""Exports: a tandem model as an HF folder or a GGUF file, published atomically, optionally gated.
+
+    tandem export --model runs/demo --format hf   --out exports/demo-hf
+    tandem export --model runs/demo --format gguf --out exports/demo-gguf --gguf-type q8_0
+    tandem export --model runs/demo --format hf   --out exports/demo-hf --gate torch:cpu:fp32
+
+An export is written into a hidden sibling folder (`.NAME.tmp-PID`), checked, and only then
+renamed to --out, so a reader never sees half an export and a failure leaves nothing behind. An
+existing --out is refused unless --force; with --force the old folder is swapped out only after
+the new one is complete (and gated). A run with no committed checkpoint is refused (loading.py).
+
+With a gate (`--gate REF`), the staged export is run through `tandem parity` against the source
+model on REF before it is published; if it fails its thresholds the staged folder is deleted and
+GateFailure is raised (the CLI exits 1). `run_export_stage` is the pipeline's last stage: it
+exports the formats listed in the run config's [export] section to runs/NAME/export/FORMAT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tandem.errors import ModelError, TandemError
+
+FORMATS = ("hf", "gguf")
+
+
+class GateFailure(Exception):
+    """An export failed its parity gate (not a user mistake: the CLI exits 1, not 2)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _nonempty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_out(out: str | Path, force: bool) -> Path:
+    out = Path(out)
+    if _nonempty(out) and not force:
+        raise ModelError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} exists and is a file; --out must be a folder")
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staging(out: str | Path, force: bool):
+    """Yield an empty hidden folder next to `out`; publish it as `out` if the block succeeds,
+    delete it if the block raises (anything, Ctrl-C included)."""
+    out = check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+        check_out(out, force)  # someone may have created it meanwhile
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _run_folder(path: Path) -> Path | None:
+    """The run folder `path` belongs to (itself or a checkpoint's run), if any."""
+    for candidate in (path, *path.parents):
+        if (candidate / "config.json").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: bool = False,
+                 dtype: str = "auto", max_shard_size: str | int | None = None, gguf_type: str = "f16",
+                 gate: str | None = None, gate_target: str | None = None, gate_task: str | None = None,
+                 gate_n: int = 32, max_new_tokens: int | None = None, thresholds: dict | None = None,
+                 record: bool = True, progress: bool = True) -> dict:
+    """Export `model` (run, checkpoint or HF folder) to `out`; returns a summary dict.
+
+    gate: a reference backend spec (e.g. "torch:cpu:fp32"); the export must pass `tandem parity`
+    against it (target: gate_target, default "hf" for HF exports and "llamacpp" for GGUF).
+    """
+    from tandem.export.hf import DEFAULT_MAX_SHARD, PROVENANCE, write_hf
+    from tandem.loading import load_weights
+    from tandem.model import weights_fingerprint
+    from tandem.progress import log
+
+    if fmt not in FORMATS:
+        raise ModelError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
+    out = check_out(out, force)
+    if gate:  # fail on a bad spec or a missing backend before any work is done
+        from tandem.infer.backends import check_installed, parse_backend
+        check_installed(parse_backend(gate))
+        check_installed(parse_backend(gate_target or ("hf" if fmt == "hf" else "llamacpp")))
+    started = time.perf_counter()
+    config, weights, tokenizer, info = load_weights(model)
+    source_fp = weights_fingerprint({k: v for k, v in weights.items()
+                                     if not (config.tie_word_embeddings and k == "lm_head.weight")})
+    provenance = {"format": fmt, "source": info.get("path"), "source_kind": info.get("kind"),
+                  "step": info.get("step"), "phase": info.get("phase"), "source_fingerprint": source_fp}
+    run_dir = _run_folder(Path(model))
+    if run_dir is not None:
+        run_config = json.loads((run_dir / "config.json").read_text())
+        provenance["tasks"] = run_config["data"]["tasks"]
+        provenance["task_params"] = run_config["data"].get("task_params", {})
+        provenance["max_new_tokens"] = run_config.get("eval", {}).get("max_new_tokens")
+    gate_report = None
+    with staging(out, force) as tmp:
+        if fmt == "hf":
+            written = write_hf(config, weights, tokenizer, tmp, dtype=dtype,
+                               max_shard_size=max_shard_size or DEFAULT_MAX_SHARD)
+            from tandem.export.hf import import_hf
+            _, exported, _, _ = import_hf(tmp)        # read back: what a loader will see
+            provenance["fingerprint"] = weights_fingerprint(exported)
+            provenance["dtype"] = written["dtype"]
+        else:
+            from tandem.export.gguf import GGUF_FILE, write_gguf
+            name = (run_dir.name if run_dir else Path(model).name) or "tandem"
+            written = write_gguf(config, weights, tokenizer, tmp / GGUF_FILE, out_type=gguf_type, name=name)
+            provenance["gguf_type"] = gguf_type
+        provenance["files"] = written["files"]
+        if gate:
+            from tandem.parity import run_parity
+            target = gate_target or ("hf" if fmt == "hf" else f"llamacpp:{gguf_type}")
+            log(f"export: gating the staged {fmt} export against {gate} (target {target})")
+            gate_report = run_parity(model, gate, target, target_model=tmp, task=gate_task, n=gate_n,
+                                     max_new_tokens=max_new_tokens, thresholds=thresholds, progress=progress)
+            provenance["gate"] = {k: gate_report[k] for k in ("ref", "target", "passed", "metrics",
+                                                              "thresholds", "failures", "task", "n")}
+            if not gate_report["passed"]:
+                raise GateFailure(f"export failed its parity gate against {gate}: "
+                                  f"{'; '.join(gate_report['failures'])}; nothing was published", gate_report)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+    if gate_report is not None and record and run_dir is not None:
+        from tandem.parity import record_parity
+        record_parity(run_dir, gate_report)
+    result = dict(provenance, out=str(out), seconds=time.perf_counter() - started)
+    log(f"export: {fmt} -> {out} ({', '.join(provenance['files'])})")
+    return result
+
+
+def run_export_stage(cfg, run_dir: str | Path, progress: bool = True) -> dict:
+    """The pipeline's export (+ gate) stage: cfg.export.formats -> runs/NAME/export/FORMAT.
+
+    A gate failure does not raise: the export is not published (any older one is removed, it no
+    longer matches the run), the failure is recorded in summary.json["export"] and the report,
+    and the caller decides the exit code. A gate whose backend is not installed is skipped with
+    the reason recorded (the export is published ungated) rather than failing a finished run.
+    """
+    from tandem.infer.backends import BackendMissing
+    from tandem.progress import log
+    from tandem.runs import read_summary, update_summary
+    e = cfg.export
+    run_dir = Path(run_dir)
+    results = {}
+    for fmt in e.formats:
+        out = run_dir / "export" / fmt
+        kwargs = dict(fmt=fmt, force=True, dtype=e.hf_dtype, gguf_type=e.gguf_type, gate_n=e.gate_n,
+                      max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
+        gate = e.gate_ref if e.gate else None
+        target = (e.gate_target or None) if fmt == "hf" else None
+        try:
+            result = export_model(run_dir, out, gate=gate, gate_target=target, **kwargs)
+            results[fmt] = {"published": True, "path": str(out), "gated": bool(gate),
+                            "passed": result.get("gate", {}).get("passed") if gate else None}
+        except BackendMissing as exc:
+            log(f"warning: export {fmt}: gate skipped, {exc}")
+            export_model(run_dir, out, **kwargs)
+            results[fmt] = {"published": True, "path": str(out), "gated": False, "gate_skipped": str(exc)}
+        except GateFailure as exc:
+            shutil.rmtree(out, ignore_errors=True)
+            log(f"error: export {fmt}: {exc}")
+            results[fmt] = {"published": False, "gated": True, "passed": False, "reason": str(exc)}
+            from tandem.parity import record_parity
+            record_parity(run_dir, exc.report)
+        except TandemError as exc:
+            log(f"error: export {fmt}: {exc}")
+            results[fmt] = {"published": False, "reason": str(exc)}
+    summary = read_summary(run_dir)
+    update_summary(run_dir, export=dict(summary.get("export", {}), **results))
+    return results
