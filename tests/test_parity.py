@@ -174,6 +174,31 @@ def test_gate_refuses_to_publish_a_corrupted_export(trained_run, tmp_path, monke
     assert list(tmp_path.iterdir()) == []   # neither the export nor its staging folder
 
 
+def test_pipeline_stage_records_a_refused_export(trained_run, monkeypatch):
+    """The pipeline's export stage: a corrupted export is not published, and the refusal is in
+    summary.json and the report (cmd_pipeline turns it into exit status 1)."""
+    pytest.importorskip("transformers")
+    import tandem.export.hf as hf_module
+    from tandem.config import config_from_dict
+    from tandem.export import run_export_stage
+    real = hf_module.write_hf
+
+    def corrupting(config, weights, tokenizer, folder, **kw):
+        weights = dict(weights, **{"model.norm.weight": weights["model.norm.weight"] * 1.5})
+        return real(config, weights, tokenizer, folder, **kw)
+
+    monkeypatch.setattr(hf_module, "write_hf", corrupting)
+    cfg = config_from_dict(json.loads((trained_run / "config.json").read_text()))
+    cfg.export.formats, cfg.export.gate_n = ["hf"], 3
+    results = run_export_stage(cfg, trained_run, progress=False)
+    assert results["hf"]["published"] is False and "parity gate" in results["hf"]["reason"]
+    assert not (trained_run / "export" / "hf").exists()
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["export"]["hf"]["published"] is False
+    assert not summary["parity"]["torch:cpu:fp32 vs hf:cpu:fp32"]["passed"]
+    assert "**FAIL**" in (trained_run / "report.md").read_text()
+
+
 def test_gate_with_a_missing_backend_fails_before_writing(trained_run, tmp_path):
     import importlib.util
     if importlib.util.find_spec("llama_cpp") is not None:
