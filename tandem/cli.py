@@ -2,6 +2,7 @@
 
     tandem pipeline --preset tiny --out runs/demo     tokenizer -> SFT -> eval -> report
     tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
+    tandem rl       --init runs/s --out runs/r        GRPO with rollout workers (tandem/cli_rl.py)
     tandem eval     --model runs/demo [--task addition] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
     tandem chat     --model runs/demo                 terminal chat, thinking shown dimmed
@@ -22,7 +23,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tandem import cli_serve  # noqa: E402
+from tandem import cli_rl, cli_serve  # noqa: E402
 from tandem.cli_portability import COMMANDS as PORTABILITY_COMMANDS  # noqa: E402
 from tandem.cli_portability import add_backend_arg, open_for_command  # noqa: E402
 from tandem.cli_portability import add_subcommands as add_portability_subcommands  # noqa: E402
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("sft", help="supervised fine-tuning (resumes in the same --out)")
     _add_config_args(p)
+    cli_rl.add_parser(sub)
 
     p = sub.add_parser("eval", help="accuracy on a task's held-out split")
     _add_model_args(p)
@@ -271,6 +273,7 @@ def cmd_doctor(args) -> int:
 COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate,
             "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
 COMMANDS["serve"] = cli_serve.cmd_serve
+COMMANDS["rl"] = cli_rl.cmd_rl
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,58 @@ class SFTConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO (tandem/train/grpo.py): the trainer role. Papers are cited in grpo.py, next to each option."""
+    steps: int = 50                # GRPO steps; each trains on one batch of rollouts
+    prompts_per_step: int = 8      # distinct prompts per batch
+    group_size: int = 8            # G: samples per prompt; advantages are relative within a group (>= 2)
+    tasks: list = field(default_factory=list)  # tasks whose prompts RL trains on ([] = data.tasks)
+    correctness_weight: float = 1.0  # reward = correctness_weight * correct + format_weight * format_ok
+    format_weight: float = 0.1
+    temperature: float = 1.0       # rollout sampling temperature (> 0)
+    top_p: float = 1.0             # rollout nucleus sampling (1 = off)
+    max_new_tokens: int = 128      # completion length cap
+    max_prompt_len: int = 128      # longer prompts are an error (raise this for long JSONL prompts)
+    mode: str = "async"            # async: batch k+1 is generated with weights k while the trainer
+                                   # updates (one step stale, corrected by tis_cap); sync: on-policy
+    tis_cap: float = 2.0           # C in min(exp(logp_train_old - logp_rollout), C) (0 = no correction)
+    lr: float = 2e-5               # peak learning rate (AdamW)
+    warmup_steps: int = 0          # linear warmup from 0, then constant
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0         # max global grad norm (0 = off)
+    updates_per_batch: int = 1     # mu: optimizer steps on each batch (> 1 makes the clip bite)
+    micro_batch_size: int = 0      # sequences per forward/backward (0 = the whole batch at once)
+    clip_eps: float = 0.2          # epsilon: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: float = 0.0     # 0 = clip_eps (symmetric); DAPO uses 0.28
+    kl_coef: float = 0.0           # beta: k3 KL penalty to the frozen initial policy (0 = no reference)
+    loss_norm: str = "dapo"        # grpo (per-sequence mean) | dapo (per-token) | dr_grpo (constant)
+    scale_rewards: str = "group"   # advantage divisor: group std | batch std | none (Dr. GRPO)
+    dtype: str = "fp32"            # trainer compute: fp32 | bf16 (autocast, fp32 master weights)
+    device: str = ""               # trainer device ("" = run.device)
+    threads: int = 0               # trainer torch threads (0 = run.threads)
+    trainers: int = 1              # trainer ranks (data parallel over the trainer device's backend)
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2      # newest K committed RL checkpoints kept
+    log_every: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout workers (tandem/train/rollout.py): the inference role, on its own device and dtype."""
+    workers: int = 1               # rollout worker processes (0 = colocated: the trainer generates itself)
+    device: str = ""               # rollout device ("" = run.device), e.g. "npu" next to a cuda trainer
+    dtype: str = "fp32"            # rollout compute dtype: fp32 | bf16 | fp16
+    threads: int = 1               # torch threads per worker process
+    max_batch: int = 64            # engine KV-cache slots per worker (concurrent sequences)
+    timeout: float = 300.0         # seconds a worker may hold work without returning a result before
+                                   # it is declared hung, killed (if local) and its prompts reassigned
+    max_restarts: int = 3          # respawns per local worker before it is given up
+    port: int = 0                  # TCP port of the job's store for local runs (0 = any free port)
+
+
+@dataclass
 class EvalConfig:
     n: int = 200              # held-out examples per task
     batch_size: int = 64
@@ -91,6 +143,7 @@ class ExportConfig:
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
     "sft": SFTConfig, "eval": EvalConfig, "export": ExportConfig,
+    "rl": RLConfig, "rollout": RolloutConfig,
 }
 
 
@@ -203,8 +256,62 @@ def _check(condition: bool, key: str, allowed: str, value) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
 
 
+def _validate_rl(cfg: Config) -> None:
+    r, w = cfg.rl, cfg.rollout
+    _check(r.steps >= 0, "rl.steps", ">= 0", r.steps)
+    _check(r.prompts_per_step >= 1, "rl.prompts_per_step", ">= 1", r.prompts_per_step)
+    _check(r.group_size >= 2, "rl.group_size", ">= 2 (group-relative advantages need two or more samples "
+           "per prompt)", r.group_size)
+    _check(r.temperature > 0, "rl.temperature", "> 0 (rollouts must sample)", r.temperature)
+    _check(0 < r.top_p <= 1, "rl.top_p", "0 < top_p <= 1", r.top_p)
+    _check(r.max_new_tokens >= 1, "rl.max_new_tokens", ">= 1", r.max_new_tokens)
+    _check(r.max_prompt_len >= 1, "rl.max_prompt_len", ">= 1", r.max_prompt_len)
+    _check(r.mode in ("async", "sync"), "rl.mode", "async, sync", r.mode)
+    _check(r.tis_cap == 0 or r.tis_cap >= 1, "rl.tis_cap", "0 (off) or >= 1", r.tis_cap)
+    _check(r.lr > 0, "rl.lr", "> 0", r.lr)
+    _check(r.warmup_steps >= 0, "rl.warmup_steps", ">= 0", r.warmup_steps)
+    _check(r.updates_per_batch >= 1, "rl.updates_per_batch", ">= 1", r.updates_per_batch)
+    _check(r.micro_batch_size >= 0, "rl.micro_batch_size", ">= 0 (0 = whole batch)", r.micro_batch_size)
+    _check(0 < r.clip_eps < 1, "rl.clip_eps", "0 < clip_eps < 1", r.clip_eps)
+    _check(r.clip_eps_high >= 0, "rl.clip_eps_high", ">= 0 (0 = clip_eps)", r.clip_eps_high)
+    _check(r.kl_coef >= 0, "rl.kl_coef", ">= 0", r.kl_coef)
+    _check(r.loss_norm in ("grpo", "dapo", "dr_grpo"), "rl.loss_norm", "grpo, dapo, dr_grpo", r.loss_norm)
+    _check(r.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards", "group, batch, none", r.scale_rewards)
+    _check(r.threads >= 0 and w.threads >= 0, "rl.threads / rollout.threads", ">= 0", (r.threads, w.threads))
+    _check(r.trainers >= 1, "rl.trainers", ">= 1", r.trainers)
+    _check(r.checkpoint_every >= 1, "rl.checkpoint_every", ">= 1", r.checkpoint_every)
+    _check(r.keep_checkpoints >= 1, "rl.keep_checkpoints", ">= 1", r.keep_checkpoints)
+    _check(r.log_every >= 1, "rl.log_every", ">= 1", r.log_every)
+    for key, value in (("rl.dtype", r.dtype), ("rollout.dtype", w.dtype)):
+        _check(value in ("fp32", "bf16", "fp16"), key, "fp32, bf16, fp16", value)
+    _check(w.workers >= 0, "rollout.workers", ">= 0 (0 = colocated in the trainer)", w.workers)
+    _check(w.max_batch >= 1, "rollout.max_batch", ">= 1", w.max_batch)
+    _check(w.timeout > 0, "rollout.timeout", "> 0 seconds", w.timeout)
+    _check(w.max_restarts >= 0, "rollout.max_restarts", ">= 0", w.max_restarts)
+    _check(0 <= w.port < 65536, "rollout.port", "0..65535 (0 = any free port)", w.port)
+
+
+def _validate_resilience(r: ResilienceConfig) -> None:
+    from tandem.train.resilience import parse_schedule
+    parse_schedule(r.faults)
+    parse_schedule(",".join(f"{kind}@1" for kind in r.mtbf_kinds))
+    _check(r.mtbf >= 0, "resilience.mtbf", ">= 0 steps (0 = off)", r.mtbf)
+    _check(r.guard_window >= 1 and r.guard_min_history >= 2, "resilience.guard_window / guard_min_history",
+           "window >= 1, min_history >= 2", (r.guard_window, r.guard_min_history))
+    _check(r.guard_zscore > 0, "resilience.guard_zscore", "> 0", r.guard_zscore)
+    _check(r.rollback_after >= 0, "resilience.rollback_after", ">= 0 (0 = never)", r.rollback_after)
+    _check(r.replicas >= 1, "resilience.replicas", ">= 1", r.replicas)
+    _check(r.check_every >= 0, "resilience.check_every", ">= 0 (0 = off)", r.check_every)
+    _check(r.replicas == 1 or r.check_every >= 1, "resilience.check_every",
+           ">= 1 when resilience.replicas > 1 (replicas are only useful if compared)", r.check_every)
+    for key in ("heartbeat_timeout", "startup_timeout", "backoff_max"):
+        _check(getattr(r, key) > 0, f"resilience.{key}", "> 0 seconds", getattr(r, key))
+    _check(r.backoff >= 0, "resilience.backoff", ">= 0 seconds", r.backoff)
+
+
 def validate(cfg: Config) -> None:
     m, s = cfg.model, cfg.sft
+    _validate_rl(cfg)
     _check(m.arch in ("llama", "qwen2"), "model.arch", "llama, qwen2", m.arch)
     _check(m.hidden_size > 0 and m.num_hidden_layers > 0, "model.hidden_size", "> 0", m.hidden_size)
     _check(m.num_attention_heads > 0 and m.num_key_value_heads > 0

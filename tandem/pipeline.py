@@ -1,9 +1,9 @@
-"""The whole pipeline on one preset: tokenizer -> SFT -> eval -> sample answers -> report.
+"""The whole pipeline on one preset: tokenizer -> SFT -> eval -> GRPO -> eval -> report.
 
     python -m tandem.cli pipeline --preset tiny --out runs/demo
 
 Each stage is resumable: rerunning the same command in the same folder skips what is done
-(tokenizer), resumes what was interrupted (SFT, from its newest valid checkpoint) and redoes the
+(tokenizer), resumes what was interrupted (SFT, GRPO: from their newest valid checkpoints) and redoes the
 cheap tail (eval, report).
 """
 
@@ -24,6 +24,7 @@ from tandem.report import write_report
 from tandem.runs import prepare_run, read_summary, update_summary
 from tandem.tasks import Task, get_task
 from tandem.tokenizer import ChatTokenizer, train_tokenizer
+from tandem.train.checkpoint import latest_valid
 from tandem.train.sft import train_sft
 
 
@@ -52,6 +53,9 @@ def check_runnable(cfg: Config) -> list[Task]:
     for section in ("sft", "eval"):
         device = accel.resolve_device(cfg.device_for(section))
         accel.resolve_dtype(getattr(cfg, section).dtype, device)
+    if cfg.rl.steps:
+        from tandem.train.rollout import check_devices
+        check_devices(cfg)  # the GRPO trainer and rollout roles
     return build_tasks(cfg)
 
 
@@ -67,10 +71,12 @@ def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
 
 
 def run_eval_stage(cfg: Config, run_dir: Path, stage: str = "sft", progress: bool = True) -> dict:
-    """Evaluate the run's newest model on every task; record under summary["evals"][stage]."""
+    """Evaluate the model a stage produced (its newest checkpoint under checkpoints/STAGE, else the
+    run's newest model) on every task; record under summary["evals"][stage]."""
     e = cfg.eval
     device = cfg.device_for("eval")
-    loaded = load_model(run_dir, device=device, dtype=e.dtype)
+    model_path = latest_valid(Path(run_dir) / "checkpoints" / stage) or run_dir
+    loaded = load_model(model_path, device=device, dtype=e.dtype)
     engine = Engine(loaded.model, max_batch=e.batch_size)
     results, samples = {}, {}
     started = time.perf_counter()
@@ -94,6 +100,10 @@ def run_pipeline(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     started = time.perf_counter()
     run_dir = run_sft_stage(cfg, out, progress)
     run_eval_stage(cfg, run_dir, "sft", progress)
+    if cfg.rl.steps:  # GRPO from the SFT model, then the same eval (tandem/train/grpo.py, [rl])
+        from tandem.train.grpo import run_rl_stage
+        run_rl_stage(cfg, run_dir, run_dir, progress)
+        run_eval_stage(cfg, run_dir, "rl", progress)
     if cfg.export.formats:  # export + parity gate (tandem/export/__init__.py, [export] in the config)
         from tandem.export import run_export_stage
         run_export_stage(cfg, run_dir, progress)

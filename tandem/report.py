@@ -42,6 +42,22 @@ def _accuracy_table(evals: dict) -> list[str]:
     return lines
 
 
+RL_PLOTS = (("reward", "rl_reward.png", "GRPO reward per step"),
+            ("accuracy", "rl_accuracy.png", "GRPO rollout accuracy (sampled, per step)"),
+            ("response_length", "rl_length.png", "GRPO mean response length (tokens)"),
+            ("mismatch", "rl_mismatch.png", "trainer vs rollout mismatch, mean |delta logprob|"))
+
+
+def _rl_summary(rl: dict) -> str:
+    roll = rl.get("rollout") or {}
+    where = "colocated in the trainer" if roll.get("colocated") else f"{roll.get('workers')} worker process(es)"
+    faults = ", ".join(f"{k} {v}" for k, v in (rl.get("worker_faults") or {}).items() if v) or "none"
+    return (f"{rl['steps']} steps in {rl['mode']} mode: trainer on `{rl['device']}` ({rl['dtype']}), rollouts on "
+            f"`{roll.get('device')}` ({roll.get('dtype')}), {where}; {rl.get('samples_per_s') or 0:,.1f} samples/s. "
+            f"Weight sync: {rl['push_bytes'] / 1e6:,.2f} MB per push, {rl['sync_seconds']:.1f} s on the "
+            f"trainer in all. Reward errors: {rl['reward_errors']}. Worker faults: {faults}.")
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
@@ -58,6 +74,13 @@ def write_report(run_dir: Path) -> Path:
         plot = plot_series(run_dir, "sft", "loss", "sft_loss.png", "SFT loss (assistant tokens)")
         if plot:
             lines += [f"![SFT loss]({plot})", ""]
+    rl = summary.get("rl")
+    if rl:
+        lines += ["## GRPO", "", _rl_summary(rl), ""]
+        for key, filename, title in RL_PLOTS:
+            plot = plot_series(run_dir, "rl", key, filename, title)
+            if plot:
+                lines += [f"![{title}]({plot})", ""]
     if summary.get("ledger"):
         lines += ["## Compute ledger", "", Ledger.from_dict(summary["ledger"]).markdown(), ""]
     samples = summary.get("samples", {})

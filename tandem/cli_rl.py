@@ -1,0 +1,35 @@
+"""The `tandem rl` subcommand: GRPO from a tandem run or an HF checkpoint, with rollout workers.
+
+    tandem rl --init runs/demo --out runs/demo-rl --preset tiny
+    tandem rl --init models/Qwen2.5-0.5B-Instruct --out runs/qwen-rl --preset hf-grpo \\
+        --set 'data.tasks=["data/mine.jsonl"]'
+    torchrun ... -m tandem.cli rl --init ... --out ...      across machines (tandem/train/rollout.py)
+
+--init is a run folder (its newest checkpoint: RL's if any, else SFT's), a checkpoint folder, or an
+HF Llama/Qwen2 folder. The model's shape comes from --init; the config's [model] section is not
+used. Rerunning the same command into the same --out resumes from the newest RL checkpoint.
+Under torchrun, ranks >= rl.trainers become rollout workers and ignore --init/--out.
+"""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from tandem.cli import _add_config_args
+    p = sub.add_parser("rl", help="GRPO with trainer and rollout roles (resumes in the same --out)")
+    p.add_argument("--init", required=True, help="the model RL starts from: a run, a checkpoint or an HF folder")
+    _add_config_args(p)
+
+
+def cmd_rl(args) -> int:
+    from tandem.config import load_config
+    from tandem.train import rollout
+    cfg = load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+    launched = rollout.torchrun_env()
+    if launched and launched[0] >= cfg.rl.trainers:   # this torchrun rank is a rollout worker
+        return rollout.main([])
+    from tandem.train.grpo import run_rl_stage
+    run_dir = run_rl_stage(cfg, args.init, args.out, progress=not args.quiet)
+    print(f"done: {run_dir}")
+    print(f"evaluate it: tandem eval --model {run_dir}")
+    return 0

@@ -1,0 +1,503 @@
+"""GRPO: reinforcement learning on verifiable rewards, with the trainer and the rollouts on
+different devices.
+
+    tandem rl --init runs/demo --out runs/demo-rl --preset tiny      (tandem/cli_rl.py)
+    tandem pipeline --preset tiny --out runs/demo                     SFT -> eval -> GRPO -> eval
+
+The algorithm (Group Relative Policy Optimization: Shao et al. 2024, "DeepSeekMath"; used for
+DeepSeek-R1, DeepSeek-AI 2025). Each step takes `rl.prompts_per_step` prompts, samples
+G = `rl.group_size` completions per prompt from the rollout workers, scores each with the task's
+verifiable reward (correctness of the <answer> + a bonus for the <think>/<answer> format), and
+pushes up the log-probability of the completions that beat their group's average:
+
+    A_i     = (r_i - mean(r_group)) / scale          scale: `rl.scale_rewards` (below)
+    ratio   = exp(logp_new - logp_old)               logp_old: the trainer's policy before this batch
+    surr    = min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+    w       = min(exp(logp_old - logp_rollout), C)   truncated importance weight (rl.tis_cap)
+    loss_t  = -w * surr + beta * k3(logp_new, logp_ref)
+    loss    = sum_t c_t * loss_t                     c_t: `rl.loss_norm` (below)
+
+Options and where they come from:
+
+* `clip_eps` / `clip_eps_high`: the PPO clip (Schulman et al. 2017) as GRPO uses it; an upper
+  bound above the lower one is DAPO's "clip-higher" (Yu et al. 2025, eps_high = 0.28), which lets
+  unlikely tokens of good answers grow and keeps the policy from collapsing its entropy.
+* `kl_coef` (beta): DeepSeekMath's KL penalty to a frozen reference policy (the initial weights),
+  estimated per token with Schulman's k3 estimator, exp(ref - new) - (ref - new) - 1 (unbiased,
+  always >= 0; Schulman 2020, "Approximating KL divergence"). beta = 0 (DAPO and Dr. GRPO drop the
+  term) loads no reference model at all.
+* `loss_norm`: how token losses are averaged. "grpo": mean over each sequence's tokens, then over
+  sequences (DeepSeekMath), which weighs a token of a short answer more than one of a long answer;
+  "dapo": one mean over every token of the batch (DAPO's token-level loss); "dr_grpo": a sum
+  divided by a constant, sequences x max_new_tokens (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training: A Critical Perspective", which shows both per-sequence normalisations bias lengths).
+* `scale_rewards`: "group" divides the advantage by the group's reward std (GRPO), "batch" by the
+  std of the whole batch, "none" not at all (Dr. GRPO: the std term over-weights prompts that are
+  almost always solved or almost never). A group whose rewards are all equal has A = 0 everywhere.
+* `updates_per_batch` (mu): optimizer steps on each batch (DeepSeekMath's mu). logp_old is the
+  trainer's policy before the first of them, so with mu = 1 the ratio is exactly 1 and the clip
+  never bites; the clip matters from the second update on.
+* `tis_cap` (C): truncated importance sampling for the rollout/trainer mismatch (Yao et al. 2025,
+  "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; truncation as in
+  IMPALA's V-trace, Espeholt et al. 2018). The rollout workers sample from a policy that is not
+  quite the trainer's: another chip and dtype (bf16 worker, fp32 trainer) and, in async mode, the
+  weights of one step earlier. Every token's loss is re-weighted by the ratio between the trainer's
+  probability and the probability the rollout actually sampled with, capped at C. C = 0 turns the
+  correction off. Simplification: the weight uses logp_old (the trainer's policy before the
+  update), as Yao et al. do; tokens are never dropped, only re-weighted.
+
+Modes (`rl.mode`). "sync": the rollouts of step k are generated with weights k, strictly
+on-policy up to numerics; the trainer waits for them. "async" (default): while the trainer trains
+on batch k, the workers already generate batch k+1 with weights k, so generation and training
+overlap and each batch is one step stale, which the truncated importance weight corrects. Every
+step logs the mismatch between the two roles: mean |logp_train - logp_rollout| over the batch's
+tokens and a KL estimate, k3 of the rollout policy vs the trainer's (that is the "the model answers
+differently on the other chip" number, plus staleness in async mode).
+
+Rewards come from the task (tandem/tasks): correctness_weight * correct + format_weight *
+format_ok. A reward function that raises scores that sample 0; the error is counted, the first
+message of each kind logged, and training goes on.
+
+Resume. RL checkpoints go to runs/NAME/checkpoints/rl/ (weights, AdamW moments, step, data
+position = step x prompts_per_step, every RNG state, and the init checkpoint the reference model
+comes from). In sync mode a resumed run is bitwise identical to an uninterrupted one: rollouts
+depend only on (weights, step, prompt index, sample index) through per-request sampling seeds.
+In async mode the first batch after a resume is generated with the checkpoint's weights rather
+than the one-step-older weights an uninterrupted run would have used (those are not in the
+checkpoint), so async resume is exact from the second step on, not bitwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tandem import accel
+from tandem.config import Config
+from tandem.errors import ConfigError, DataError, ModelError
+from tandem.ledger import Ledger
+from tandem.loading import find_checkpoint, load_weights
+from tandem.model import Transformer, estimate_train_flops, weights_fingerprint
+from tandem.progress import Progress, log
+from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
+from tandem.tasks import Example, RewardResult, Task, stable_seed
+from tandem.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from tandem.train.sft import build_optimizer, example_for, lr_at
+
+# -----------------------------------------------------------------------------------------------
+# The loss, on flat token tensors (every completion token of the batch, sequence after sequence)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """rewards [n * G] (groups contiguous) -> advantages [n * G]: reward minus its group's mean,
+    divided by the group's std (scale="group"), the batch's std ("batch") or nothing ("none")."""
+    r = rewards.view(-1, group_size).double()
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (r.std() + eps)
+    return centered.view(-1).float()
+
+
+def token_weights(lengths: list[int], loss_norm: str, max_new_tokens: int) -> torch.Tensor:
+    """c_t for every completion token (flat): the loss is sum_t c_t * loss_t over the batch.
+
+    grpo: 1 / (|o_i| * n_seqs); dapo: 1 / total tokens; dr_grpo: 1 / (n_seqs * max_new_tokens).
+    Computed for the whole batch, so any micro-batch split sums to the same loss.
+    """
+    n = len(lengths)
+    if loss_norm == "grpo":
+        per_seq = [1.0 / (length * n) for length in lengths]
+    elif loss_norm == "dapo":
+        per_seq = [1.0 / sum(lengths)] * n
+    elif loss_norm == "dr_grpo":
+        per_seq = [1.0 / (n * max_new_tokens)] * n
+    else:
+        raise ConfigError(f"unknown rl.loss_norm '{loss_norm}'; use grpo, dapo or dr_grpo")
+    return torch.tensor([w for w, length in zip(per_seq, lengths) for _ in range(length)])
+
+
+def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(p || ref) per token, from samples of p: e^(ref-p) - (ref-p) - 1."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor      # scalar, differentiable
+    clip_frac: float        # share of tokens whose ratio was clipped (where the clip changed the value)
+    kl_ref: float           # mean k3 KL to the reference (0 without one)
+    tis_mean: float         # mean truncated importance weight
+    tis_capped: float       # share of tokens whose weight hit the cap
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+              weights: torch.Tensor, clip_eps: float, clip_eps_high: float = 0.0,
+              logp_rollout: torch.Tensor | None = None, tis_cap: float = 0.0,
+              logp_ref: torch.Tensor | None = None, kl_coef: float = 0.0) -> LossTerms:
+    """The GRPO objective (module docstring) on flat per-token tensors of equal length N.
+
+    logp: [N] current policy (with grad); logp_old: [N] policy before this batch's updates;
+    advantages: [N] each token carries its sequence's advantage; weights: [N] the c_t of
+    `token_weights`; logp_rollout: [N] what the rollout worker sampled with (for tis_cap);
+    logp_ref: [N] frozen reference (for kl_coef).
+    """
+    high = clip_eps_high or clip_eps
+    ratio = torch.exp(logp - logp_old)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + high) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    tis = torch.ones_like(logp_old)
+    if tis_cap and logp_rollout is not None:
+        tis = torch.exp(logp_old - logp_rollout).clamp(max=tis_cap)
+    per_token = -tis * surrogate
+    kl = torch.zeros_like(logp_old)
+    if kl_coef and logp_ref is not None:
+        kl = k3(logp, logp_ref)
+        per_token = per_token + kl_coef * kl
+    loss = (weights * per_token).sum()
+    with torch.no_grad():
+        n = max(1, logp.numel())
+        return LossTerms(loss, float((clipped < unclipped).sum()) / n, float(kl.sum()) / n,
+                         float(tis.sum()) / n, float((tis >= tis_cap).sum()) / n if tis_cap else 0.0)
+
+
+def mismatch(logp_train: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
+    """How differently the two roles score the sampled tokens: mean |delta logprob|, the k3 estimate
+    of KL(rollout || trainer) (the tokens were sampled by the rollout policy) and the largest |delta|."""
+    d = (logp_train - logp_rollout).double()
+    if not d.numel():
+        return {"mismatch": 0.0, "mismatch_kl": 0.0, "mismatch_max": 0.0}
+    return {"mismatch": float(d.abs().mean()), "mismatch_kl": float((torch.exp(d) - d - 1).mean()),
+            "mismatch_max": float(d.abs().max())}
+
+
+# -----------------------------------------------------------------------------------------------
+# A batch of rollouts, as the trainer sees it
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor     # [B, T] prompt + completion, right-padded
+    target_mask: torch.Tensor   # [B, T-1] True where position t predicts completion token t+1
+    lengths: list[int]          # completion length of each sequence
+    logp_rollout: torch.Tensor  # [N] the rollout worker's logprob of each completion token (flat)
+    advantages: torch.Tensor    # [N] each token's sequence advantage
+    weights: torch.Tensor       # [N] loss normalisation c_t
+    tokens: int                 # real tokens (prompt + completion) in the batch
+
+    def select(self, rows: list[int]) -> "Batch":
+        """The sub-batch of sequences `rows` (contiguous), flat tensors sliced to match."""
+        offsets = [0]
+        for length in self.lengths:
+            offsets.append(offsets[-1] + length)
+        lo, hi = offsets[rows[0]], offsets[rows[-1] + 1]
+        width = int(self.target_mask[rows].any(0).nonzero().max()) + 2
+        return Batch(self.input_ids[rows, :width], self.target_mask[rows, :width - 1],
+                     [self.lengths[r] for r in rows], self.logp_rollout[lo:hi], self.advantages[lo:hi],
+                     self.weights[lo:hi], 0)
+
+
+def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
+                advantages: torch.Tensor, loss_norm: str, max_new_tokens: int, pad_id: int, device) -> Batch:
+    """Sequences i = prompts[i] + completions[i] (one prompt entry per sample)."""
+    rows = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, len(p) - 1:len(row) - 1] = True
+    lengths = [len(c) for c in completions]
+    per_token_adv = torch.repeat_interleave(advantages, torch.tensor(lengths))
+    return Batch(ids.to(device), mask.to(device), lengths,
+                 torch.tensor([x for lp in logprobs for x in lp], dtype=torch.float32, device=device),
+                 per_token_adv.to(device), token_weights(lengths, loss_norm, max_new_tokens).to(device),
+                 sum(len(r) for r in rows))
+
+
+def token_logprobs(model: Transformer, batch: Batch) -> torch.Tensor:
+    """[N] log p(completion token) under `model` (flat, sequence after sequence); logits are formed
+    only at the positions that predict a completion token."""
+    hidden = model.hidden(batch.input_ids)[:, :-1][batch.target_mask]
+    logits = model.lm_head(hidden).float()
+    targets = batch.input_ids[:, 1:][batch.target_mask]
+    return logits.log_softmax(-1).gather(1, targets.view(-1, 1)).view(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Rewards
+
+
+def safe_reward(task: Task, text: str, example: Example, correctness_weight: float,
+                format_weight: float) -> tuple[RewardResult, str | None]:
+    """The task's reward, or (0 reward, the error) when the reward function raises."""
+    try:
+        return task.reward(text, example, correctness_weight, format_weight), None
+    except Exception as exc:  # a user reward function must not stop training: score 0, count it
+        return RewardResult(False, False, 0.0), f"{task.name}: {type(exc).__name__}: {exc}"
+
+
+def rl_tasks(cfg: Config) -> list[Task]:
+    from tandem.tasks import get_task
+    names = cfg.rl.tasks or cfg.data.tasks
+    return [get_task(name, seed=cfg.run.seed, **cfg.data.task_params.get(name, {})) for name in names]
+
+
+def sample_seed(run_seed: int, step: int, prompt: int, sample: int) -> int:
+    """The sampling seed of one rollout: fixed by (run seed, step, prompt, sample), so a batch's
+    tokens do not depend on which worker made them, or on a resume."""
+    return stable_seed("rollout", run_seed, step, prompt, sample) >> 1
+
+
+# -----------------------------------------------------------------------------------------------
+# The trainer
+
+
+def resolve_init(init: str | Path) -> Path:
+    """The concrete folder RL starts from: a checkpoint folder (a run's newest) or an HF folder."""
+    path = Path(init)
+    found = find_checkpoint(path) if path.exists() else None
+    return found if found is not None else path
+
+
+def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = True,
+               stop_after: int | None = None) -> dict:
+    """Run (or resume) GRPO in run_dir starting from `init` (a run, checkpoint or HF folder).
+
+    Returns the figures the summary records. stop_after: return right after step `stop_after` is
+    done and checkpointed, as if interrupted there (tests of exact resume use it).
+    """
+    from tandem.train.rollout import start_rollouts
+
+    r = cfg.rl
+    run_dir = Path(run_dir)
+    accel.set_threads(r.threads or cfg.run.threads)
+    device = accel.resolve_device(cfg.device_for("rl"))
+    amp_dtype = accel.resolve_dtype(r.dtype, device)
+    ckpt_root = run_dir / "checkpoints" / "rl"
+    latest = latest_valid(ckpt_root)
+    resumed = load_checkpoint(latest) if latest is not None else None
+    init_path = Path(resumed["train_state"]["init"]) if resumed else resolve_init(init)
+    model_config, init_weights, tokenizer, init_info = load_weights(init_path)
+    if r.max_prompt_len + r.max_new_tokens > model_config.max_position_embeddings:
+        raise ConfigError(f"rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len + r.max_new_tokens} exceeds "
+                          f"the model's max_position_embeddings ({model_config.max_position_embeddings}); lower them")
+    model = Transformer(model_config)
+    model.load_checkpoint_state(init_weights)
+    init_fingerprint = weights_fingerprint(model.checkpoint_state())
+    reference = None
+    if r.kl_coef > 0:  # beta = 0 loads no reference at all
+        reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    del init_weights
+    model.to(device).train()
+    optimizer = build_optimizer(model, r)
+
+    tokenizer_dir = run_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer.save(tokenizer_dir)
+    tasks = rl_tasks(cfg)
+
+    start = 0
+    if resumed:
+        model.load_checkpoint_state({k: v.to(device) for k, v in resumed["model"].items()})
+        optimizer.load_state_dict(resumed["optimizer"])
+        accel.set_rng_state(resumed["train_state"]["rng"])
+        start = resumed["train_state"]["step"]
+        truncate_metrics(run_dir, "rl", start)
+        log(f"resuming GRPO from {latest} (step {start})")
+    else:
+        accel.manual_seed(cfg.run.seed)
+        log(f"GRPO from {init_path} ({init_info.get('kind')}, fingerprint {init_fingerprint[:12]})")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_root, step, model.checkpoint_state(),
+                        {"phase": "rl", "data_position": step * r.prompts_per_step, "init": str(init_path),
+                         "init_fingerprint": init_fingerprint, "rng": accel.get_rng_state()},
+                        optimizer.state_dict(),
+                        extra_files={"model_config.json": json.dumps(model_config.to_dict()).encode(),
+                                     **{n: tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}},
+                        keep=r.keep_checkpoints)
+
+    # The prompts of step k: prompts_per_step examples of the RL tasks, round-robin, from position
+    # k * prompts_per_step of the train stream (so the data position is the step).
+    def prompts_for(step: int) -> list[tuple[Task, Example, list[int]]]:
+        picked = []
+        for j in range(r.prompts_per_step):
+            index = step * r.prompts_per_step + j
+            task, example = tasks[index % len(tasks)], example_for(tasks, index)
+            ids = tokenizer.encode_prompt([{"role": "user", "content": example.prompt}])
+            if len(ids) > r.max_prompt_len:
+                raise DataError(f"a {task.name} prompt has {len(ids)} tokens, more than rl.max_prompt_len "
+                                f"({r.max_prompt_len}); raise rl.max_prompt_len")
+            picked.append((task, example, ids))
+        return picked
+
+    def submit(step: int, version: int) -> int:
+        requests = [[ids, sample_seed(cfg.run.seed, step, j, g)]
+                    for j, (_, _, ids) in enumerate(prompts_for(step)) for g in range(r.group_size)]
+        return rollouts.submit(step, version, requests)
+
+    summary = read_summary(run_dir)
+    ledger = Ledger.from_dict(summary.get("ledger"))
+    totals = dict.fromkeys(("samples", "seconds", "update_seconds", "wait_seconds", "sync_seconds",
+                            "sync_bytes", "push_bytes", "reward_errors"), 0)
+    faults: dict[str, int] = {}
+    if resumed:  # figures of the interrupted attempt, as of the checkpoint we resume from
+        totals.update({k: v for k, v in summary.get("rl_totals", {}).items() if k in totals})
+        faults = dict(summary.get("rl_totals", {}).get("worker_faults", {}))
+
+    def save_totals() -> None:
+        merged = {k: faults.get(k, 0) + v for k, v in rollouts.fault_counts().items()}
+        update_summary(run_dir, ledger=ledger.to_dict(), rl_totals=dict(totals, worker_faults=merged or faults))
+
+    trainer_kind, flops_fwd = accel.device_kind(device), model_config.flops_per_token()
+    reported: set[str] = set()
+    if start == r.steps:  # nothing left to train (rl.steps = 0, or a rerun of a finished run)
+        if latest is None:
+            checkpoint(r.steps)
+        return _stats(cfg, start, device, init_path, init_fingerprint, totals, faults, {}, model_config)
+    rollouts = start_rollouts(cfg, model_config, tokenizer, run_dir, device)
+    bar = Progress(r.steps, "rl", start=start, every=r.log_every, enabled=progress)
+    try:
+        sync = rollouts.publish(start, model.checkpoint_state())
+        ledger.add("weight_sync", trainer_kind, sync["seconds"])
+        totals["push_bytes"] = sync["bytes"]      # the same every push: one model in the rollout dtype
+        pending = submit(start, start)
+        for step in range(start, r.steps):
+            t_step = time.perf_counter()
+            following = None
+            if r.mode == "async" and step + 1 < r.steps:  # batch k+1 is generated with weights k
+                following = submit(step + 1, step)
+            t_wait = time.perf_counter()
+            result = rollouts.collect(pending)
+            wait_seconds = time.perf_counter() - t_wait
+
+            # Rewards and group-relative advantages (on the host).
+            G, picked = r.group_size, prompts_for(step)
+            rewards, correct, formatted, step_errors = [], 0, 0, 0
+            for i, sample in enumerate(result.samples):
+                task, example, _ = picked[i // G]
+                text = tokenizer.decode([t for t in sample["tokens"] if t != tokenizer.eos_id])
+                scored, error = safe_reward(task, text, example, r.correctness_weight, r.format_weight)
+                if error:
+                    step_errors += 1
+                    if task.name not in reported:  # log the first failure of each task's reward
+                        reported.add(task.name)
+                        log(f"warning: a reward function raised, the sample scores 0 (counted): {error}")
+                rewards.append(scored.reward)
+                correct += scored.correct
+                formatted += scored.format_ok
+            reward_t = torch.tensor(rewards)
+            advantages = group_advantages(reward_t, G, r.scale_rewards)
+            n_seq = len(result.samples)
+            batch = build_batch([picked[i // G][2] for i in range(n_seq)], [s["tokens"] for s in result.samples],
+                                [s["logprobs"] for s in result.samples], advantages, r.loss_norm,
+                                r.max_new_tokens, tokenizer.pad_id, device)
+
+            # Policy update: mu optimizer steps on the batch, in micro-batches.
+            t_update = accel.timer(device)
+            lr = lr_at(step, r.lr, r.warmup_steps, r.steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = r.micro_batch_size or n_seq
+            subs = [batch.select(list(range(i, min(i + micro, n_seq)))) for i in range(0, n_seq, micro)]
+            old, ref = [], []
+            stats = dict.fromkeys(("loss", "clip_frac", "kl_ref", "tis_mean", "tis_capped"), 0.0)
+            for update in range(r.updates_per_batch):
+                last = update == r.updates_per_batch - 1
+                for c, sub in enumerate(subs):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                        logp = token_logprobs(model, sub)
+                        if update == 0:  # the policy before this batch's updates is logp_old
+                            old.append(logp.detach())
+                            if reference is not None:
+                                with torch.no_grad():
+                                    ref.append(token_logprobs(reference, sub))
+                    terms = grpo_loss(logp, old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
+                                      sub.logp_rollout, r.tis_cap, ref[c] if ref else None, r.kl_coef)
+                    terms.loss.backward()
+                    if last:  # report the last update; per-token stats weighted by tokens
+                        share = logp.numel() / max(1, batch.logp_rollout.numel())
+                        stats["loss"] += float(terms.loss.detach())
+                        for key in ("clip_frac", "kl_ref", "tis_mean", "tis_capped"):
+                            stats[key] += getattr(terms, key) * share
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           r.grad_clip if r.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            update_seconds = accel.timer(device) - t_update
+            gap = mismatch(torch.cat(old).float().cpu(), batch.logp_rollout.cpu())
+
+            sync = rollouts.publish(step + 1, model.checkpoint_state())
+            if following is None and step + 1 < r.steps:  # sync: batch k+1 with weights k+1
+                following = submit(step + 1, step + 1)
+            pending = following
+            step_seconds = time.perf_counter() - t_step
+
+            # Bookkeeping: ledger, totals, metrics, checkpoint.
+            update_tokens = batch.tokens * r.updates_per_batch
+            ledger.add("policy_update", trainer_kind, update_seconds, update_tokens,
+                       estimate_train_flops(model_config, update_tokens)
+                       + (flops_fwd * batch.tokens if reference is not None else 0))
+            ledger.add("weight_sync", trainer_kind, sync["seconds"])
+            for kind, seconds in result.sync_seconds.items():
+                ledger.add("weight_sync", kind, seconds)
+            for kind, (seconds, tokens) in result.generate.items():
+                ledger.add("rollout", kind, seconds, tokens, flops_fwd * tokens)
+            for key, value in (("samples", n_seq), ("seconds", step_seconds), ("update_seconds", update_seconds),
+                               ("wait_seconds", wait_seconds), ("sync_seconds", sync["seconds"]),
+                               ("sync_bytes", sync["bytes"]), ("reward_errors", step_errors)):
+                totals[key] += value
+            done = step + 1
+            if done % r.log_every == 0 or done == r.steps:
+                append_metrics(run_dir, {
+                    "phase": "rl", "step": done, "reward": float(reward_t.mean()), "accuracy": correct / n_seq,
+                    "format_rate": formatted / n_seq, "response_length": sum(batch.lengths) / n_seq, "lr": lr,
+                    "grad_norm": float(grad_norm), **stats, **gap, "samples_per_s": n_seq / step_seconds,
+                    "step_seconds": step_seconds, "update_seconds": update_seconds, "wait_seconds": wait_seconds,
+                    "sync_seconds": sync["seconds"], "sync_bytes": sync["bytes"], "weights_version": result.version,
+                    "reward_errors": step_errors, "worker_faults": result.faults, "time": time.time()})
+            bar.update(1, reward=float(reward_t.mean()), acc=correct / n_seq, mismatch=gap["mismatch"])
+            if done % r.checkpoint_every == 0 or done == r.steps or done == stop_after:
+                checkpoint(done)
+                save_totals()
+            if done == stop_after:
+                break
+        bar.close()
+    finally:
+        rollouts.close()
+    save_totals()
+    faults = {k: faults.get(k, 0) + v for k, v in rollouts.fault_counts().items()} or faults
+    return _stats(cfg, start, device, init_path, init_fingerprint, totals, faults, rollouts.describe(), model_config)
+
+
+def _stats(cfg, start, device, init_path, init_fingerprint, totals, faults, rollout, model_config) -> dict:
+    """What summary.json records under "rl"."""
+    return {"steps": cfg.rl.steps, "resumed_from": start, "mode": cfg.rl.mode, "device": str(device),
+            "device_kind": accel.device_kind(device), "dtype": cfg.rl.dtype, "rollout": rollout,
+            "init": str(init_path), "init_fingerprint": init_fingerprint, **totals,
+            "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
+            "worker_faults": faults, "parameters": model_config.num_parameters()}
+
+
+def run_rl_stage(cfg: Config, init: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """`tandem rl` and the pipeline's GRPO stage: check devices, then train into out/checkpoints/rl."""
+    from tandem.runs import prepare_run
+    from tandem.train.rollout import check_devices
+    check_devices(cfg)
+    rl_tasks(cfg)                       # unknown task names fail before anything is written
+    if not Path(init).exists():
+        raise ModelError(f"--init path not found: {init}")
+    run_dir = prepare_run(out, cfg)
+    stats = train_grpo(cfg, run_dir, init, progress=progress)
+    update_summary(run_dir, rl=stats, parameters=stats["parameters"])
+    return run_dir
