@@ -4,10 +4,14 @@
     curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"model": "demo", "messages": [{"role": "user", "content": "What is 12 + 7?"}]}'
 
-    app = create_app(lambda: load_model("runs/demo"), name="demo")    # any ASGI server runs it
+    app = create_app(lambda: load_model("runs/demo"), ServeConfig(name="demo"))   # any ASGI server
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus text), GET / (the chat page in web/), GET /openapi.json.
+GET /metrics (Prometheus text), GET / (the chat page in web/), GET /openapi.json. Beyond
+OpenAI's parameters: top_k and ignore_eos (as vLLM). Errors are OpenAI's JSON shape
+{"error": {"message", "type", "param", "code"}}: 400 bad body / parameter / model name / prompt
+longer than the context, 404/405 wrong route, 413 body over max_body_bytes, 429 full, 503 while
+the model loads or the server stops, 500 only if generation itself fails.
 
 How a request flows. The handler (asyncio) validates the body, renders the ChatML prompt, and
 turns each of the `n` choices into a `Job`. ONE background thread owns the engine: it takes jobs
@@ -361,8 +365,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         jobs: dict[int, Job] = {}
-        engine = self.engine
         while True:
+            engine = self.engine
             try:
                 commands = [self.inbox.get(block=not engine.has_work())]
             except queue.Empty:
@@ -376,8 +380,7 @@ class EngineLoop:
                 if command == "stop":
                     self._fail(jobs.values(), APIError(503, "the server is shutting down", "service_unavailable",
                                                        code="shutting_down"))
-                    for rid in jobs:
-                        engine.cancel(rid)
+                    self._drop(jobs)
                     return
                 if command == "add":
                     try:
@@ -394,9 +397,7 @@ class EngineLoop:
                     log.error("engine step failed; ending the %d requests in it:\n%s", len(jobs),
                               traceback.format_exc())
                     self._fail(jobs.values(), APIError(500, f"generation failed: {exc}", "server_error"))
-                    for rid in jobs:
-                        engine.cancel(rid)
-                    jobs.clear()
+                    self._drop(jobs)
                     outputs = []
                 self.steps += 1
                 now = time.perf_counter()
@@ -407,6 +408,17 @@ class EngineLoop:
                         batch.append((job, (out, now)))
                 self._deliver(batch)
             self.running, self.waiting = engine.num_active, engine.num_waiting
+
+    def _drop(self, jobs: dict[int, Job]) -> None:
+        """Cancel every job in the engine; if even that fails, start over with a fresh engine."""
+        try:
+            for rid in jobs:
+                self.engine.cancel(rid)
+        except Exception:
+            log.error("cancelling after a failed step failed too; rebuilding the engine:\n%s", traceback.format_exc())
+            e = self.engine
+            self.engine = Engine(e.model, max_batch=e.max_batch, max_len=e.max_len, seed=e.seed)
+        jobs.clear()
 
     def _fail(self, jobs, error: APIError) -> None:
         self._deliver([(job, error) for job in jobs])
@@ -858,6 +870,9 @@ class Run:
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.events: asyncio.Queue = asyncio.Queue()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        self._head = (f'data: {{"id": "{self.id}", "object": "{kind}", "created": {self.created}, '
+                      f'"model": {json.dumps(state.config.name)}, "choices": [')
         self.choices: list[Choice] = []
         loop = asyncio.get_running_loop()
         for prompt, p in zip(prompts, params):
@@ -893,22 +908,26 @@ class Run:
         """The next token of any choice: (choice, reasoning released, content released).
         Raises the APIError of a sequence that failed."""
         while True:
-            index, event = await self.events.get()
-            if index < 0:
-                raise _ClientGone()
-            choice = self.choices[index]
-            if choice.finish_reason is not None:      # a token queued before a stop string ended it
-                continue
-            if isinstance(event, APIError):
-                self._release(choice)
-                raise event
-            out, now = event
-            reasoning, content = choice.on_token(out, now)
-            if choice.finish_reason is not None:
-                if not out.finished:                  # ended by a stop string: free its slot now
-                    self.engine_loop.cancel(choice.job)
-                self._release(choice)
-            return choice, reasoning, content
+            taken = self._take(*await self.events.get())
+            if taken is not None:
+                return taken
+
+    def _take(self, index: int, event) -> tuple[Choice, str, str] | None:
+        if index < 0:
+            raise _ClientGone()
+        choice = self.choices[index]
+        if choice.finish_reason is not None:          # a token queued before a stop string ended it
+            return None
+        if isinstance(event, APIError):
+            self._release(choice)
+            raise event
+        out, now = event
+        reasoning, content = choice.on_token(out, now)
+        if choice.finish_reason is not None:
+            if not out.finished:                      # ended by a stop string: free its slot now
+                self.engine_loop.cancel(choice.job)
+            self._release(choice)
+        return choice, reasoning, content
 
     async def _watch(self, request: Request) -> None:
         """Wake `next()` when the client of a non-streamed request goes away (streams learn it from
@@ -949,46 +968,49 @@ class Run:
 
     # --- streamed (server-sent events) ----------------------------------------------------------
 
-    def _chunk(self, choice: Choice | None, include_usage: bool, delta: dict | None = None,
-               text: str = "", finish: str | None = None) -> str:
-        if choice is None:
-            choices = []
-        elif self.chat:
-            choices = [{"index": choice.index, "delta": delta or {}, "logprobs": choice.take_logprobs(),
-                        "finish_reason": finish}]
-        else:
-            choices = [{"index": choice.index, "text": text, "logprobs": choice.take_logprobs(),
-                        "finish_reason": finish}]
-        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                 "created": self.created, "model": self.state.config.name, "choices": choices}
-        if include_usage:
-            chunk["usage"] = self.usage() if choice is None else None
-        return _data(chunk)
+    def _chunk(self, choice: dict | None, usage_field: str) -> str:
+        """One SSE event (the fixed part of the envelope is formatted once per request)."""
+        return self._head + (json.dumps(choice, ensure_ascii=False) if choice else "") + "]" + usage_field + "}\n\n"
+
+    def _token_events(self, choice: Choice, reasoning: str, content: str, usage_field: str) -> list[str]:
+        """The events for one token of one choice: its text (if it released any), then the finish."""
+        body = "delta" if self.chat else "text"
+        out = []
+        if reasoning or content:
+            if self.chat:
+                text = {"reasoning_content": reasoning} if reasoning else {}
+                if content:
+                    text["content"] = content
+            else:
+                text = content
+            out.append(self._chunk({"index": choice.index, body: text, "logprobs": choice.take_logprobs(),
+                                    "finish_reason": None}, usage_field))
+        if choice.finish_reason is not None:
+            out.append(self._chunk({"index": choice.index, body: {} if self.chat else "",
+                                    "logprobs": choice.take_logprobs(), "finish_reason": choice.finish_reason},
+                                   usage_field))
+        return out
 
     async def stream(self, include_usage: bool):
+        """SSE events. Events already waiting are sent in one write (under load, fewer syscalls
+        and no added latency: nothing is held back once the queue is empty)."""
+        usage_field = ', "usage": null' if include_usage else ""
+        pending = [self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}, usage_field) for c in self.choices] if self.chat else []
+        failed = False
         try:
-            if self.chat:
-                for choice in self.choices:
-                    yield self._chunk(choice, include_usage, {"role": "assistant", "content": ""})
-            failed = False
-            while self.unfinished() and not failed:
+            while self.unfinished():
+                if pending and (self.events.empty() or len(pending) >= 64):
+                    yield "".join(pending)
+                    pending = []
                 try:
-                    choice, reasoning, content = await self.next()
+                    pending += self._token_events(*await self.next(), usage_field)
                 except APIError as exc:         # the stream has started: report in-band, then end it
-                    yield _data(error_body(exc.message, exc.type, exc.param, exc.code))
+                    pending.append(_data(error_body(exc.message, exc.type, exc.param, exc.code)))
                     failed = True
-                    continue
-                if reasoning or content:
-                    delta = {}
-                    if reasoning:
-                        delta["reasoning_content"] = reasoning
-                    if content:
-                        delta["content"] = content
-                    yield self._chunk(choice, include_usage, delta, content)
-                if choice.finish_reason is not None:
-                    yield self._chunk(choice, include_usage, {}, "", choice.finish_reason)
+                    break
             if include_usage and not failed:
-                yield self._chunk(None, include_usage)
-            yield "data: [DONE]\n\n"
+                pending.append(self._chunk(None, f', "usage": {json.dumps(self.usage())}'))
+            yield "".join(pending) + "data: [DONE]\n\n"
         finally:
             self.cancel()

@@ -1,0 +1,295 @@
+"""Serving load benchmark: `tandem serve` under 1, 8, 32 and 64 concurrent streaming clients.
+
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo            # print the tables
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo --write    # also update BENCHMARKS.md
+
+Starts the real server (`python -m tandem.cli serve`) in a subprocess on a free loopback port
+and drives it from this process with asyncio + httpx: each level sends a fixed number of
+streaming chat requests (stream_options.include_usage, `ignore_eos` so every request generates
+exactly --max-tokens tokens) through that many concurrent clients. Per level: token throughput
+(completion tokens / wall time of the level), time to first token (request sent -> first chunk
+carrying text) and inter-token latency (per request: (last text chunk - first) / (tokens - 1), as
+vLLM's TPOT; single chunk gaps say little once the server sends waiting tokens in one write and
+the client reads several per socket read) at p50/p99 over requests, and
+the lost (transport error, non-200) and malformed (bad JSON, no [DONE], wrong usage or finish
+reason) responses, which must be zero.
+
+Then the same 32-client level against a second server started with --max-batch 1 (one request
+at a time, the others queue): the continuous-batching speed-up, target >= 4x. When llama_cpp is
+installed, the model is exported to GGUF and llama-cpp-python's own OpenAI-compatible server
+(`python -m llama_cpp.server`) takes the same 1- and 32-client levels (it has no ignore_eos, so
+the end-of-turn token is suppressed with logit_bias instead); otherwise that row says why it is
+missing. The server gets --threads torch threads (default 1); the load generator is this one
+Python process, on the other core. Everything is bounded: about 400 requests in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from benchmarks.common import environment, table, write_section  # noqa: E402
+
+LEVELS = {1: 8, 8: 32, 32: 96, 64: 128}         # concurrent clients -> requests sent at that level
+SPEEDUP_TARGET = 4.0
+
+
+@dataclass
+class Level:
+    clients: int
+    requests: int = 0
+    tokens: int = 0
+    wall: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    lost: int = 0
+    malformed: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the server exited with status {proc.returncode}: {proc.stderr.read()[-500:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"error: the server at {url} did not come up in {timeout:.0f} s")
+
+
+def start_tandem(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--name", "bench",
+                             "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
+                             "--max-queue", "512"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url + "/health", proc)
+    return proc, url, "bench"
+
+
+def start_llamacpp(model: str, threads: int, tmp: Path) -> tuple[subprocess.Popen, str, str, int]:
+    """llama-cpp-python's server on a GGUF export of the model; also returns the eos id."""
+    from tandem.export.gguf import write_gguf
+    from tandem.loading import load_weights
+    config, weights, tokenizer, _ = load_weights(model)
+    gguf = tmp / "model.gguf"
+    write_gguf(config, weights, tokenizer, gguf, out_type="f32")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(config.max_position_embeddings),
+                             "--n_threads", str(threads), "--chat_format", "chatml"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url + "/v1/models", proc)
+    return proc, url, "bench", tokenizer.eos_id
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, level: Level, exact: bool) -> None:
+    """One streamed chat request; records its timings, or counts it lost / malformed."""
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    usage, finish, done = None, None, False
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                level.lost += 1
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    delta = choice.get("delta") or {}
+                    if delta.get("content") or delta.get("reasoning_content"):
+                        stamps.append(time.perf_counter())
+                    finish = choice.get("finish_reason") or finish
+    except (httpx.HTTPError, OSError):
+        level.lost += 1
+        return
+    except (json.JSONDecodeError, AttributeError):
+        level.malformed += 1
+        return
+    tokens = usage["completion_tokens"] if usage else len(stamps)
+    want = body["max_tokens"]
+    if not done or not stamps or finish != "length" or (exact and tokens != want) or tokens > want:
+        level.malformed += 1
+        return
+    level.tokens += tokens
+    level.ttft.append(stamps[0] - sent)
+    if tokens > 1:
+        level.itl.append((stamps[-1] - stamps[0]) / (tokens - 1))
+
+
+async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, extra: dict,
+                    exact: bool) -> Level:
+    level = Level(clients, requests)
+    bodies = [{"model": model, "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True,
+               "stream_options": {"include_usage": True},
+               "messages": [{"role": "user", "content": f"What is {17 + i % 80} + {i % 9}?"}], **extra}
+              for i in range(requests)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def worker(client):
+        while not queue.empty():
+            await one_request(client, url, queue.get_nowait(), level, exact)
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*[worker(client) for _ in range(clients)])
+        level.wall = time.perf_counter() - started
+    return level
+
+
+def measure(url: str, model: str, levels: dict[int, int], max_tokens: int, extra: dict, exact: bool) -> list[Level]:
+    asyncio.run(run_level(url, model, 4, 8, 8, extra, exact=False))          # warm-up, not counted
+    out = []
+    for clients, requests in levels.items():
+        level = asyncio.run(run_level(url, model, clients, requests, max_tokens, extra, exact))
+        print(f"  {clients:3d} clients: {level.throughput:8.0f} tokens/s  TTFT p50 {pct(level.ttft, 50) * 1e3:7.1f} ms  "
+              f"ITL p50 {pct(level.itl, 50) * 1e3:6.2f} ms  lost {level.lost} malformed {level.malformed}", flush=True)
+        out.append(level)
+    return out
+
+
+def row(server: str, level: Level) -> list:
+    ms = lambda v: f"{v * 1e3:.1f}"  # noqa: E731
+    return [server, level.clients, level.requests, f"{level.throughput:.0f}", ms(pct(level.ttft, 50)),
+            ms(pct(level.ttft, 99)), f"{pct(level.itl, 50) * 1e3:.2f}", f"{pct(level.itl, 99) * 1e3:.2f}",
+            level.lost, level.malformed]
+
+
+def smoke_model(tmp: Path) -> str:
+    out = tmp / "smoke"
+    print("no --model given and runs/demo is missing: training a smoke model (~30 s)...", flush=True)
+    result = subprocess.run([sys.executable, "-m", "tandem.cli", "pipeline", "--preset", "smoke", "--out", str(out),
+                             "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: the smoke run failed; pass --model RUN: {result.stderr.strip()[-300:]}")
+    return str(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a tandem run (default: runs/demo if it exists, else a fresh smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument("--write", action="store_true", help="update the bench_serve section of BENCHMARKS.md")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = args.model or (str(ROOT / "runs" / "demo") if (ROOT / "runs" / "demo").exists() else smoke_model(tmp))
+    if not Path(model).exists():
+        raise SystemExit(f"error: model path not found: {model}")
+    ignore_eos = {"ignore_eos": True}
+    rows, notes = [], []
+
+    print(f"tandem serve --max-batch 32 ({model}):", flush=True)
+    proc, url, name = start_tandem(model, 32, args.threads)
+    try:
+        batched = measure(url, name, LEVELS, args.max_tokens, ignore_eos, exact=True)
+    finally:
+        stop(proc)
+    rows += [row("tandem (continuous batching, max-batch 32)", level) for level in batched]
+
+    print("tandem serve --max-batch 1 (one request at a time):", flush=True)
+    proc, url, name = start_tandem(model, 1, args.threads)
+    try:
+        serial = measure(url, name, {32: LEVELS[32] // 3}, args.max_tokens, ignore_eos, exact=True)[0]
+    finally:
+        stop(proc)
+    rows.append(row("tandem, max-batch 1", serial))
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        notes.append("llama-cpp-python's server: not measured, `llama_cpp` is not installed here "
+                     "(pip install 'llama-cpp-python[server]' and rerun to add its rows).")
+    else:
+        print("llama-cpp-python server (GGUF f32):", flush=True)
+        try:
+            proc, url, name, eos = start_llamacpp(model, args.threads, tmp)
+        except SystemExit as exc:          # e.g. the [server] extra is missing
+            notes.append(f"llama-cpp-python's server: could not start ({exc}).")
+        else:
+            try:
+                cpp = measure(url, name, {1: LEVELS[1], 32: LEVELS[32] // 3}, args.max_tokens,
+                              {"logit_bias": {str(eos): -100.0}}, exact=False)
+            finally:
+                stop(proc)
+            rows += [row("llama-cpp-python server (GGUF f32)", level) for level in cpp]
+
+    at32 = next(level for level in batched if level.clients == 32)
+    speedup = at32.throughput / serial.throughput if serial.throughput else float("nan")
+    bad = sum(level.lost + level.malformed for level in batched + [serial])
+    verdict = "met" if speedup >= SPEEDUP_TARGET else "MISSED"
+    summary = (f"Continuous batching at 32 clients: **{speedup:.1f}x** the token throughput of one request at a "
+               f"time (target >= {SPEEDUP_TARGET:.0f}x: {verdict}). Lost or malformed responses: **{bad}**.")
+    body = "\n\n".join([
+        f"Model `{Path(model).name}`, {args.max_tokens} generated tokens per request (ignore_eos), streaming chat "
+        f"requests over loopback HTTP; server: {environment(args.threads)}; load generator: one asyncio process. "
+        f"TTFT = request sent to first text chunk; ITL = a request's mean time between tokens "
+        f"((last text chunk - first) / (tokens - 1)); p50/p99 over requests.",
+        table(["server", "clients", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+               "ITL p99 ms", "lost", "malformed"], rows),
+        summary, *notes,
+        f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on a {os.cpu_count()}-core machine."])
+    print("\n" + body)
+    if args.write:
+        write_section("bench_serve", "Serving under load (tandem serve)", body)
+        print("\nwrote the bench_serve section of BENCHMARKS.md")
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
