@@ -1,0 +1,58 @@
+"""Helpers shared by the benchmarks: medians, markdown tables, and writing a section of BENCHMARKS.md.
+
+Each benchmark owns one section between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers and
+rewrites only that section, with the command that produced it, the date, versions and threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+HEADER = ("# tandem benchmarks\n\nEvery table below is written by a script in `benchmarks/`; the command that "
+          "made it is under its heading. Peers are measured side by side in the same run; figures are "
+          "medians over repeats, and ratios are what we claim (absolute times on this shared 2-core "
+          "machine are noisy).\n")
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def environment(threads: int) -> str:
+    import torch
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"{threads} thread(s)",
+             platform.machine()]
+    try:
+        import transformers
+        parts.insert(2, f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str, command: str | None = None) -> None:
+    command = command or "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix()
+                                               if Path(sys.argv[0]).is_absolute() else sys.argv[0]] + sys.argv[1:])
+    stamp = datetime.date.today().isoformat()
+    section = (f"<!-- {name}:start -->\n## {title}\n\n`{command}` ({stamp})\n\n{body.strip()}\n"
+               f"<!-- {name}:end -->")
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    BENCHMARKS_MD.write_text(text)
