@@ -9,6 +9,10 @@
     tandem serve    --model runs/demo                 OpenAI-compatible server + web chat on :8000
     tandem inspect  runs/demo [--json]                step, config, parameters, weight fingerprint
     tandem doctor                                     devices, dtypes, backends, versions
+    tandem chaos    --preset smoke --out runs/c --faults kill@7,hang@12   faults vs a fault-free twin
+
+sft, rl and pipeline take --supervise [--max-restarts N]: the job runs as a child process that is
+restarted (and resumes) after a crash or a hang (tandem/supervisor.py).
 
 Any config field can be overridden with --set section.key=value (repeatable). A user mistake
 prints one line starting with "error:" and exits with status 2.
@@ -23,7 +27,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tandem import cli_rl, cli_serve  # noqa: E402
+from tandem import cli_resilience, cli_rl, cli_serve  # noqa: E402
 from tandem.cli_portability import COMMANDS as PORTABILITY_COMMANDS  # noqa: E402
 from tandem.cli_portability import add_backend_arg, open_for_command  # noqa: E402
 from tandem.cli_portability import add_subcommands as add_portability_subcommands  # noqa: E402
@@ -37,6 +41,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config field (repeatable), e.g. --set sft.steps=200")
     parser.add_argument("--out", required=True, help="the run folder (rerun into it to resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    cli_resilience.add_supervise_args(parser)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="devices, dtypes, distributed backends and versions here")
     p.add_argument("--json", action="store_true")
     add_portability_subcommands(sub)  # export, parity, preflight
+    cli_resilience.add_chaos_parser(sub)
     return parser
 
 
@@ -274,11 +280,14 @@ COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generat
             "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
 COMMANDS["serve"] = cli_serve.cmd_serve
 COMMANDS["rl"] = cli_rl.cmd_rl
+COMMANDS["chaos"] = cli_resilience.cmd_chaos
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if cli_resilience.wants_supervisor(args):
+            return cli_resilience.run_supervised(args, sys.argv[1:] if argv is None else list(argv))
         return COMMANDS[args.command](args)
     except TandemError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -127,6 +127,34 @@ class EvalConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    """Surviving unstable hardware (tandem/train/resilience.py, tandem/supervisor.py)."""
+    faults: str = ""               # injected faults, e.g. "kill@37,hang@50,nan@60,bitflip:grad@70" (grammar
+                                   # in train/resilience.py); each fires once per run folder
+    mtbf: float = 0.0              # also inject random faults, one per `mtbf` steps on average (0 = off)
+    mtbf_kinds: list = field(default_factory=lambda: ["kill", "device_error"])  # what the random faults are
+    fault_seed: int = 0            # seeds the random faults and where bit flips land
+    guard: bool = True             # skip an update whose loss or gradient is non-finite or whose grad
+                                   # norm spikes (a z-score of log(norm) over the recent steps)
+    guard_window: int = 50         # steps of grad-norm history; also the window for counting skips
+    guard_zscore: float = 8.0      # skip when log(grad norm) is this many std above the window mean
+    guard_min_history: int = 20    # the z-score test starts once the window holds this many norms
+    rollback_after: int = 3        # this many skips within guard_window steps roll back to the last
+                                   # checkpoint before the trouble (0 = never roll back)
+    replicas: int = 1              # in-process model replicas fed the same batches (2 = silent-corruption
+                                   # detection that can tell the bad replica and repair it; 2x compute)
+    check_every: int = 0           # compare weight and gradient fingerprints every K steps (0 = off; with
+                                   # one replica a checked step is computed twice)
+    async_checkpoint: bool = False # write checkpoints in a background thread (the step waits only for
+                                   # a copy to host memory)
+    heartbeat_timeout: float = 30.0  # --supervise: a job with no step for this long is hung: killed, restarted
+    startup_timeout: float = 300.0   # --supervise: the same, before the first step of each attempt
+    backoff: float = 1.0           # --supervise: delay before a restart that follows a restart without
+                                   # progress; doubles each time (a restart after progress is immediate)
+    backoff_max: float = 30.0      # --supervise: cap on that delay
+
+
+@dataclass
 class ExportConfig:
     """What `tandem pipeline` exports at its end, into runs/NAME/export/FORMAT (tandem/export/)."""
     formats: list = field(default_factory=lambda: ["hf"])  # "hf" (transformers/vLLM/MindIE), "gguf" (llama.cpp); [] = none
@@ -143,7 +171,7 @@ class ExportConfig:
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
     "sft": SFTConfig, "eval": EvalConfig, "export": ExportConfig,
-    "rl": RLConfig, "rollout": RolloutConfig,
+    "rl": RLConfig, "rollout": RolloutConfig, "resilience": ResilienceConfig,
 }
 
 
@@ -340,6 +368,7 @@ def validate(cfg: Config) -> None:
     _check(x.hf_dtype in ("auto", "fp32", "bf16", "fp16"), "export.hf_dtype", "auto, fp32, bf16, fp16", x.hf_dtype)
     _check(x.gguf_type in ("f32", "f16", "q8_0"), "export.gguf_type", "f32, f16, q8_0", x.gguf_type)
     _check(x.gate_n >= 1, "export.gate_n", ">= 1", x.gate_n)
+    _validate_resilience(cfg.resilience)
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

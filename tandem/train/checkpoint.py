@@ -13,7 +13,12 @@ A checkpoint is a folder `checkpoints/PHASE/step_NNNNNN/` holding
 It is written into a hidden temp folder, every file fsynced, the manifest written, then the folder
 renamed into place (atomic on POSIX) and the parent fsynced. A folder without a manifest, or whose
 files do not match it, is not a checkpoint: loading skips it with a warning and falls back to the
-previous one. Only the newest `keep` committed checkpoints are kept.
+previous one. The manifest carries a SHA-256 of its own content, so a damaged manifest is caught
+too. Only the newest `keep` committed checkpoints are kept.
+
+AsyncCheckpointer does the same write in a background thread: the trainer waits only for a copy of
+the state to host memory, and the commit is the same manifest-last rename, so a crash mid-write
+leaves an uncommitted temp folder exactly as a synchronous save would.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,12 +88,20 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     train_state: dict, optimizer_state: dict | None = None,
-                    extra_files: dict[str, Path | bytes] | None = None, keep: int = 3) -> Path:
+                    extra_files: dict[str, Path | bytes] | None = None, keep: int = 3,
+                    before_commit: Callable[[], None] | None = None) -> Path:
     """Write and commit checkpoint `step` under `root`; returns its folder.
 
     extra_files: name -> a file to copy, or bytes to write (config, tokenizer).
+    before_commit: called once the files are written and fsynced, before the manifest (fault
+    injection kills the process here: the most dangerous moment of a write).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -110,8 +125,11 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync_file(tmp / name)
+    if before_commit is not None:
+        before_commit()
     manifest = {"step": step, "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
                                         for n in files}}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
@@ -132,8 +150,13 @@ def verify_checkpoint(folder: str | Path) -> str | None:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (ValueError, KeyError):
+        checked = manifest["manifest_sha256"] == _manifest_digest(manifest)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "manifest.json is unreadable"
+    if not checked:
+        return "manifest.json does not match its own SHA-256 (corrupted)"
+    if folder.name[:5] == "step_" and folder.name[5:].isdigit() and manifest["step"] != int(folder.name[5:]):
+        return f"manifest.json is for step {manifest['step']}, not {folder.name}"
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
@@ -158,14 +181,30 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def latest_valid(root: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; each newer broken one is reported and skipped."""
+def latest_valid(root: str | Path, at_most: int | None = None,
+                 on_skip: Callable[[Path, str], None] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; each newer broken one is reported and skipped.
+
+    at_most: only consider checkpoints of step <= at_most (a rollback to before some trouble).
+    on_skip(folder, reason): also told about each broken one (the trainer logs it as an incident).
+    """
     for folder in list_checkpoints(root):
+        if at_most is not None and int(folder.name[5:]) > at_most:
+            continue
         reason = verify_checkpoint(folder)
         if reason is None:
             return folder
         warn(f"skipping checkpoint {folder}: {reason}")
+        if on_skip is not None:
+            on_skip(folder, reason)
     return None
+
+
+def discard_newer(root: str | Path, step: int) -> None:
+    """Delete checkpoints newer than `step` (after a rollback they belong to an abandoned timeline)."""
+    for folder in list_checkpoints(root):
+        if int(folder.name[5:]) > step:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def prune(root: Path, keep: int) -> None:
@@ -195,3 +234,53 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> dict:
         optimizer = unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), train_state["optimizer"])
     return {"model": load_file(str(folder / "model.safetensors")), "optimizer": optimizer,
             "train_state": train_state, "folder": folder}
+
+
+def _to_host(value):
+    """A private host-memory copy of a state (tensors copied, containers rebuilt, scalars shared)."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
+class AsyncCheckpointer:
+    """save_checkpoint in a background thread; the caller waits only for the copy to host memory.
+
+        saver = AsyncCheckpointer()
+        saver.save(root, step, model_state, train_state, optimizer_state, ...)  # same arguments
+        saver.wait()   # before exiting, or before reading checkpoints back
+
+    At most one write is in flight: a save waits for the previous one. An error in the writer is
+    raised by the next save() or wait(). The copy to host is needed even on CPU, because the next
+    optimizer step updates the live tensors in place while the writer is still reading them.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, root, step, model_state, train_state, optimizer_state=None, extra_files=None, keep=3,
+             before_commit=None) -> None:
+        self.wait()
+        args = (root, step, _to_host(model_state), _to_host(train_state), _to_host(optimizer_state),
+                extra_files, keep, before_commit)
+        self._thread = threading.Thread(target=self._write, args=args, name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self, *args) -> None:
+        try:
+            save_checkpoint(*args)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

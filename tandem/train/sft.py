@@ -10,10 +10,18 @@ RNG state, and N steps + resume + M steps gives bitwise the same weights as N+M 
 
 The loss is computed only where it is needed: logits are formed for the positions that predict an
 assistant token, not for the whole padded batch (same loss, less work).
+
+Unstable hardware (train/resilience.py): every step rewrites a heartbeat for the supervisor, passes
+the fault injector's points (tests and `tandem chaos`), lets the guard skip an update with a
+non-finite or spiking gradient (rolling back after repeated trouble), and with
+resilience.check_every votes on weight and gradient fingerprints across replicas to find and
+repair silent corruption. Checkpoints hold the guard's state, so resume stays exact; with
+resilience.async_checkpoint they are written in a background thread.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -30,7 +38,10 @@ from tandem.progress import Progress, log
 from tandem.runs import append_metrics, truncate_metrics
 from tandem.tasks import Task
 from tandem.tokenizer import ChatTokenizer
-from tandem.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from tandem.train.checkpoint import (AsyncCheckpointer, discard_newer, latest_valid, load_checkpoint,
+                                     save_checkpoint)
+from tandem.train.resilience import (CorruptionDetector, DeviceFault, FaultInjector, Heartbeat, Incidents,
+                                     StepGuard)
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -76,6 +87,19 @@ def assistant_loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def forward_backward(model: Transformer, micro: list[Batch], amp_dtype, n_targets: int,
+                     corrupt_loss=lambda loss: loss) -> float:
+    """Accumulate the gradients of the step's mean assistant-token loss over its micro-batches;
+    returns the loss. corrupt_loss is the fault injector's hook (identity otherwise)."""
+    loss_total = 0.0
+    for batch in micro:
+        with torch.autocast(batch.input_ids.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss = corrupt_loss(assistant_loss_sum(model, batch) / n_targets)
+        loss.backward()
+        loss_total += float(loss.detach())
+    return loss_total
+
+
 def build_optimizer(model: Transformer, cfg) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms and biases (1-D tensors)."""
     params = {id(p): p for p in model.parameters()}.values()
@@ -99,74 +123,155 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
     stop_after: return right after step `stop_after` is done and checkpointed, as if the process
     had been interrupted there (tests of exact resume use it).
     """
-    s = cfg.sft
+    s, r = cfg.sft, cfg.resilience
+    run_dir = Path(run_dir)
     accel.set_threads(cfg.run.threads)
     device = accel.resolve_device(cfg.device_for("sft"))
     amp_dtype = accel.resolve_dtype(s.dtype, device)
-    model = new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)
-    optimizer = build_optimizer(model, s)
-    ckpt_root = Path(run_dir) / "checkpoints" / "sft"
-    tokenizer_files = {n: Path(run_dir) / "tokenizer" / n for n in ("tokenizer.json", "tokenizer_config.json")}
+    # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
+    # compared with it (resilience.replicas: identical copies fed identical batches).
+    models = [new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)]
+    models += [copy.deepcopy(models[0]) for _ in range(r.replicas - 1)]
+    optimizers = [build_optimizer(m, s) for m in models]
+    ckpt_root = run_dir / "checkpoints" / "sft"
+    tokenizer_files = {n: run_dir / "tokenizer" / n for n in ("tokenizer.json", "tokenizer_config.json")}
+    incidents = Incidents(run_dir)
+    faults = FaultInjector.from_config(r, s.steps, run_dir)
+    guard = StepGuard.from_config(r)
+    detector = CorruptionDetector(r.check_every, incidents)
+    heartbeat = Heartbeat(run_dir)
+    saver = AsyncCheckpointer() if r.async_checkpoint else None
 
-    start = 0
-    latest = latest_valid(ckpt_root)
-    if latest is not None:
-        ckpt = load_checkpoint(latest)
-        model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
-        optimizer.load_state_dict(ckpt["optimizer"])
-        accel.set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["train_state"]["step"]
-        truncate_metrics(run_dir, "sft", start)
-        log(f"resuming SFT from {latest} (step {start})")
-    else:
-        accel.manual_seed(cfg.run.seed)
+    def reject(folder: Path, reason: str) -> None:
+        incidents.record("checkpoint_rejected", int(folder.name[5:]), reason)
+
+    def restore(folder: Path | None) -> int:
+        """Load a checkpoint into every replica (None: the initial state); returns its step."""
+        if folder is None:
+            for model, optimizer in zip(models, optimizers):
+                model.reset_parameters(cfg.run.seed)
+                optimizer.state.clear()
+            accel.manual_seed(cfg.run.seed)
+            guard.reset()
+            step = 0
+        else:
+            ckpt = load_checkpoint(folder)
+            for i, (model, optimizer) in enumerate(zip(models, optimizers)):
+                model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
+                optimizer.load_state_dict(ckpt["optimizer"] if i == 0 else copy.deepcopy(ckpt["optimizer"]))
+            accel.set_rng_state(ckpt["train_state"]["rng"])
+            guard.load_state_dict(ckpt["train_state"]["guard"])
+            step = ckpt["train_state"]["step"]
+        detector.forget()
+        truncate_metrics(run_dir, "sft", step)
+        return step
+
+    def rollback(step: int, at_most: int) -> int:
+        """Back to the newest valid checkpoint of step <= at_most; later ones are discarded."""
+        if saver is not None:
+            saver.wait()
+        back_to = restore(latest_valid(ckpt_root, at_most=at_most, on_skip=reject))
+        discard_newer(ckpt_root, back_to)
+        guard.rolled_back(step)
+        incidents.record("rollback", step, f"resuming from step {back_to}")
+        return back_to
+
+    checkpoint_seconds = 0.0
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_root, step, model.checkpoint_state(),
-                        {"phase": "sft", "data_position": step * s.batch_size * s.grad_accum,
-                         "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state()},
-                        optimizer.state_dict(),
-                        extra_files={"model_config.json": json.dumps(model.config.to_dict()).encode(), **tokenizer_files}, keep=s.keep_checkpoints)
+        nonlocal checkpoint_seconds
+        started = time.perf_counter()
+        train_state = {"phase": "sft", "data_position": step * s.batch_size * s.grad_accum,
+                       "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(),
+                       "guard": guard.state_dict()}
+        (saver.save if saver is not None else save_checkpoint)(
+            ckpt_root, step, models[0].checkpoint_state(), train_state, optimizers[0].state_dict(),
+            extra_files={"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **tokenizer_files},
+            keep=s.keep_checkpoints, before_commit=faults.before_commit(step))
+        checkpoint_seconds += time.perf_counter() - started
 
+    latest = latest_valid(ckpt_root, on_skip=reject)
+    step = start = restore(latest)
+    if latest is not None:
+        log(f"resuming SFT from {latest} (step {start})")
     bar = Progress(s.steps, "sft", start=start, every=s.log_every, enabled=progress)
     tokens_total, busy_seconds = 0, 0.0
-    model.train()
-    for step in range(start, s.steps):
-        t0 = accel.timer(device)
-        lr = lr_at(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        first = step * s.batch_size * s.grad_accum
-        micro = [make_batch([example_for(tasks, first + m * s.batch_size + j) for j in range(s.batch_size)],
-                            tokenizer, s.max_seq_len, device) for m in range(s.grad_accum)]
-        n_targets = sum(int(b.target_mask.sum()) for b in micro)
-        loss_total = 0.0
-        for batch in micro:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                loss = assistant_loss_sum(model, batch) / n_targets
-            loss.backward()
-            loss_total += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = accel.timer(device) - t0
-        step_tokens = sum(b.tokens for b in micro)
-        tokens_total += step_tokens
-        busy_seconds += elapsed
-        done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            append_metrics(run_dir, {"phase": "sft", "step": done, "loss": loss_total, "lr": lr,
-                                     "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / elapsed,
-                                     "time": time.time()})
-        bar.update(1, loss=loss_total, lr=lr)
-        if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after:
-            checkpoint(done)
-        if done == stop_after:
-            break
+    for model in models:
+        model.train()
+    try:
+        while step < s.steps:
+            heartbeat.beat(step)
+            t0 = accel.timer(device)
+            faults.start_of_step(step, checkpoints=ckpt_root)
+            faults.corrupt_weights(step, models)
+            if detector.check_weights(step, models, optimizers):
+                step = rollback(step, detector.last_good)
+                continue
+            lr = lr_at(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            first = step * s.batch_size * s.grad_accum
+            micro = [make_batch([example_for(tasks, first + m * s.batch_size + j) for j in range(s.batch_size)],
+                                tokenizer, s.max_seq_len, device) for m in range(s.grad_accum)]
+            n_targets = sum(int(b.target_mask.sum()) for b in micro)
+            losses = [0.0] * len(models)
+
+            def compute(i: int) -> None:
+                models[i].zero_grad(set_to_none=True)
+                losses[i] = forward_backward(models[i], micro, amp_dtype, n_targets,
+                                             lambda loss: faults.corrupt_loss(step, loss, i, len(models)))
+
+            for i in range(len(models)):
+                compute(i)
+            faults.mid_step(step)
+            faults.corrupt_grads(step, models)
+            if detector.check_grads(step, models, losses, compute):
+                step = rollback(step, detector.last_good)
+                continue
+            clip = s.grad_clip if s.grad_clip > 0 else float("inf")
+            norms = [float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) for m in models]
+            grad_norm = norms[0]  # the same on every replica once the detector has had its say
+            verdict = guard.check(step, losses[0], grad_norm)
+            if verdict.action == "rollback":
+                incidents.record("skip", step, verdict.reason)
+                step = rollback(step, guard.trouble_start(step))
+                continue
+            if verdict.action == "update":
+                for optimizer in optimizers:
+                    optimizer.step()
+            else:
+                incidents.record("skip", step, verdict.reason)
+            for model in models:
+                model.zero_grad(set_to_none=True)
+            detector.remember_weights(step + 1, models)
+            elapsed = accel.timer(device) - t0
+            step_tokens = sum(b.tokens for b in micro)
+            tokens_total += step_tokens
+            busy_seconds += elapsed
+            step += 1
+            if step % s.log_every == 0 or step == s.steps:
+                append_metrics(run_dir, {"phase": "sft", "step": step, "loss": losses[0], "lr": lr,
+                                         "grad_norm": grad_norm, "tokens_per_s": step_tokens / elapsed,
+                                         "time": time.time()})
+            bar.update(1, loss=losses[0], lr=lr)
+            if step % s.checkpoint_every == 0 or step == s.steps or step == stop_after:
+                checkpoint(step)
+            if step == stop_after:
+                break
+        if s.steps == 0 or (start == s.steps and latest is None):
+            checkpoint(s.steps)
+    except DeviceFault as exc:
+        incidents.record("device_fault", step, str(exc))
+        raise
+    finally:
+        if saver is not None:
+            saver.wait()
     bar.close()
-    if s.steps == 0 or (start == s.steps and latest is None):
-        checkpoint(s.steps)
+    heartbeat.idle(step)
     return {"steps": s.steps, "resumed_from": start, "device": str(device),
             "device_kind": accel.device_kind(device), "seconds": busy_seconds, "tokens": tokens_total,
             "tokens_per_s": tokens_total / busy_seconds if busy_seconds else None,
-            "flops": estimate_train_flops(model.config, tokens_total), "parameters": model.config.num_parameters()}
+            "flops": estimate_train_flops(models[0].config, tokens_total),
+            "parameters": models[0].config.num_parameters(),
+            "checkpoint_seconds": checkpoint_seconds, "incidents": dict(incidents.counts)}

@@ -1,0 +1,183 @@
+"""`tandem chaos`: a training job under injected faults, next to a fault-free twin.
+
+    tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,nan@15,kill:ckpt@16 \\
+        --set resilience.heartbeat_timeout=3
+    tandem chaos --preset tiny --out runs/chaos --mtbf 50 --fault-seed 1 --kinds kill,device_error
+
+Both jobs are the real CLI in subprocesses, one after the other: `tandem sft ... --supervise` into
+OUT/twin, then the same command with the faults added to its config into OUT/chaos. The report:
+
+    faults injected   what faults.jsonl says fired (a scheduled fault may never come due)
+    faults detected   injected faults matched to what noticed them (incidents.jsonl): a kill to
+                      the supervisor's crash, a hang to its watchdog, a device error to the
+                      trainer's DeviceFault, NaN/inf/spike to a guard skip (or, with replicas, a
+                      corruption repair), a bit flip to a corruption repair (or a skip), a damaged
+                      checkpoint to its rejection on the next load
+    restarts          the supervisor's restarts
+    time lost         chaos wall time - twin wall time
+    goodput           useful step time / wall time, where useful step time is the twin's time in
+                      training steps (each step once) and wall time runs from the first attempt's
+                      start to the last one's end (interpreter start-up excluded for both)
+    final weights     SHA-256 fingerprints of both final checkpoints; identical unless the guard
+                      skipped updates (a skipped update is a different, deliberate trajectory)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem.config import load_config
+from tandem.errors import ConfigError
+from tandem.model import weights_fingerprint
+from tandem.progress import log
+from tandem.runs import read_summary
+from tandem.supervisor import SUPERVISOR_FILE
+from tandem.train.checkpoint import latest_valid, load_checkpoint
+from tandem.train.resilience import FAULTS_FILE, INCIDENTS_FILE, configured_faults, read_jsonl, schedule_text
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESS_FAULTS = ("kill", "hang", "device_error", "ckpt_truncate", "ckpt_bitflip")  # each costs a restart
+DETECTED_BY = {"kill": ("crash",), "hang": ("hang",), "device_error": ("device_fault",),
+               "nan": ("skip", "corruption"), "inf": ("skip", "corruption"), "spike": ("skip", "corruption"),
+               "bitflip": ("corruption", "skip"), "ckpt_truncate": ("checkpoint_rejected",),
+               "ckpt_bitflip": ("checkpoint_rejected",)}
+
+
+@dataclass
+class JobResult:
+    folder: Path
+    returncode: int
+    wall: float                        # seconds, first attempt start -> last attempt end
+    step_seconds: float                # time inside training steps (last attempt)
+    restarts: int
+    fingerprint: str | None
+    skipped_updates: int
+    faults: list[dict] = field(default_factory=list)     # faults.jsonl
+    incidents: list[dict] = field(default_factory=list)  # incidents.jsonl
+
+
+def run_job(config_args: list[str], folder: Path, overrides: list[str], max_restarts: int) -> JobResult:
+    """`tandem sft CONFIG_ARGS --out FOLDER --supervise` in a subprocess; output to FOLDER.log."""
+    command = [sys.executable, "-m", "tandem.cli", "sft", *config_args, *sum((["--set", o] for o in overrides), []),
+               "--out", str(folder), "--quiet", "--supervise", "--max-restarts", str(max_restarts)]
+    started = time.time()
+    with open(folder.with_name(folder.name + ".log"), "w") as output:
+        returncode = subprocess.run(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT).returncode
+    supervision = json.loads((folder / SUPERVISOR_FILE).read_text()) if (folder / SUPERVISOR_FILE).is_file() else {}
+    attempts = supervision.get("attempts", [])
+    wall = attempts[-1]["ended"] - attempts[0]["started"] if attempts else time.time() - started
+    latest = latest_valid(folder / "checkpoints" / "sft")
+    final = load_checkpoint(latest) if latest else None
+    return JobResult(folder, returncode, wall, read_summary(folder).get("sft", {}).get("seconds", 0.0),
+                     supervision.get("restarts", 0), weights_fingerprint(final["model"]) if final else None,
+                     len(final["train_state"]["guard"]["skipped"]) if final else 0,
+                     read_jsonl(folder / FAULTS_FILE), read_jsonl(folder / INCIDENTS_FILE))
+
+
+def match_detections(faults: list[dict], incidents: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Pair each injected fault with a later, still unpaired incident of a kind that detects it:
+    first those at the fault's own step and attempt, then (for what is left, in time order) the
+    first later one. Returns (detected, undetected) faults, each detected one with "detected_by"."""
+    pairs: dict[int, int] = {}
+    for same_step in (True, False):
+        for f, fault in sorted(enumerate(faults), key=lambda item: item[1]["time"]):
+            match = next((i for i, inc in enumerate(incidents) if i not in pairs.values() and f not in pairs
+                          and inc["kind"] in DETECTED_BY[fault["kind"]] and inc["time"] >= fault["time"]
+                          and (not same_step or (inc["step"], inc["attempt"]) == (fault["step"], fault["attempt"]))),
+                         None)
+            if match is not None:
+                pairs[f] = match
+    detected = [dict(fault, detected_by=incidents[pairs[f]]["kind"]) for f, fault in enumerate(faults) if f in pairs]
+    return detected, [fault for f, fault in enumerate(faults) if f not in pairs]
+
+
+@dataclass
+class ChaosReport:
+    preset: str
+    steps: int
+    schedule: str
+    twin: JobResult
+    chaos: JobResult
+    injected: list[dict]
+    detected: list[dict]
+    undetected: list[dict]
+
+    @property
+    def useful(self) -> float:
+        return self.twin.step_seconds
+
+    @property
+    def identical(self) -> bool:
+        return self.twin.fingerprint is not None and self.twin.fingerprint == self.chaos.fingerprint
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "steps": self.steps, "schedule": self.schedule,
+                "faults_injected": len(self.injected), "faults_detected": len(self.detected),
+                "undetected": [f["fault"] for f in self.undetected], "restarts": self.chaos.restarts,
+                "twin_wall_s": self.twin.wall, "chaos_wall_s": self.chaos.wall,
+                "time_lost_s": self.chaos.wall - self.twin.wall, "useful_step_s": self.useful,
+                "twin_goodput": self.useful / self.twin.wall if self.twin.wall else None,
+                "goodput": self.useful / self.chaos.wall if self.chaos.wall else None,
+                "skipped_updates": self.chaos.skipped_updates, "identical": self.identical,
+                "twin_fingerprint": self.twin.fingerprint, "chaos_fingerprint": self.chaos.fingerprint,
+                "chaos_exit": self.chaos.returncode}
+
+    def text(self) -> str:
+        d = self.to_dict()
+        kinds = Counter(f["kind"] for f in self.injected)
+        by = Counter(f["detected_by"] for f in self.detected)
+        causes = [f"the guard skipped {self.chaos.skipped_updates} update(s)"] if self.chaos.skipped_updates else []
+        causes += [f"{len(self.undetected)} fault(s) went undetected"] if self.undetected else []
+        verdict = "identical" if self.identical else f"differ ({'; '.join(causes)})" if causes else "DIFFER (unexplained)"
+        rows = [("wall time", f"{d['twin_wall_s']:.1f} s", f"{d['chaos_wall_s']:.1f} s", ""),
+                ("restarts", "0", str(d["restarts"]), ""),
+                ("faults injected", "-", str(len(self.injected)), ", ".join(f"{k} {n}" for k, n in kinds.items())),
+                ("faults detected", "-", f"{len(self.detected)} / {len(self.injected)}",
+                 ", ".join(f"{k} {n}" for k, n in by.items())),
+                ("time lost", "-", f"{d['time_lost_s']:.1f} s", ""),
+                ("goodput", f"{d['twin_goodput']:.1%}", f"{d['goodput']:.1%}", "useful step time / wall time"),
+                ("final weights", (self.twin.fingerprint or "-")[:12], (self.chaos.fingerprint or "-")[:12], verdict)]
+        lines = [f"chaos: sft, preset {self.preset}, {self.steps} steps; faults {self.schedule or '(none)'}",
+                 f"  {'':18s}{'fault-free twin':>16s}{'under faults':>16s}"]
+        lines += [f"  {name:18s}{a:>16s}{b:>16s}   {note}".rstrip() for name, a, b, note in rows]
+        if self.undetected:
+            lines.append(f"  undetected: {', '.join(f['fault'] for f in self.undetected)}")
+        if self.chaos.returncode != 0:
+            lines.append(f"  the job under faults did not finish (exit {self.chaos.returncode}); see "
+                         f"{self.chaos.folder}.log")
+        return "\n".join(lines)
+
+
+def run_chaos(preset: str | None, config: str | None, overrides: list[str], out: Path, faults: str = "",
+              mtbf: float = 0.0, fault_seed: int = 0, kinds: list[str] | None = None,
+              max_restarts: int | None = None) -> ChaosReport:
+    """The twin, then the job under faults; preset/config/overrides (--set) are given to both jobs."""
+    out = Path(out)
+    config_args = ["--preset", preset] if preset else ["--config", str(config)] if config else []
+    fault_overrides = [f"resilience.faults={json.dumps(faults)}", f"resilience.mtbf={mtbf}",
+                       f"resilience.fault_seed={fault_seed}"]
+    if kinds:
+        fault_overrides.append(f"resilience.mtbf_kinds={json.dumps(kinds)}")
+    cfg = load_config(preset, config, overrides + fault_overrides)  # the job's own checks, before any work
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; tandem chaos needs a new --out (it runs two jobs from scratch)")
+    schedule = configured_faults(cfg.resilience, cfg.sft.steps)
+    if max_restarts is None:
+        max_restarts = sum(f.kind in PROCESS_FAULTS for f in schedule) + 3
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"chaos: fault-free twin -> {out / 'twin'}")
+    twin = run_job(config_args, out / "twin", overrides, max_restarts)
+    if twin.returncode != 0:
+        raise ConfigError(f"the fault-free twin failed (exit {twin.returncode}); see {out / 'twin.log'}")
+    log(f"chaos: {len(schedule)} scheduled fault(s) -> {out / 'chaos'}")
+    chaos = run_job(config_args, out / "chaos", overrides + fault_overrides, max_restarts)
+    injected = [f for f in chaos.faults if f.get("damaged", "") is not None]  # nothing to damage: a no-op
+    detected, undetected = match_detections(injected, chaos.incidents)
+    return ChaosReport(cfg.preset or "custom", cfg.sft.steps, schedule_text(schedule), twin, chaos, injected,
+                       detected, undetected)

@@ -1,0 +1,578 @@
+"""Training on hardware that crashes, hangs or silently corrupts data: fault injection, a NaN/spike
+guard, silent-corruption detection, heartbeats and the run folder's fault and incident logs.
+
+    tandem sft --preset smoke --out runs/x --supervise --set resilience.faults="kill@7,nan@12"
+    tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,bitflip:grad@15
+
+The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
+
+* FaultInjector: injects the faults of a schedule, `[ROLE/]KIND[:TARGET]@STEP` joined by commas,
+  or random ones at a mean time between faults (resilience.mtbf, seeded):
+
+      kill            SIGKILL after the backward pass of STEP
+      kill:ckpt       SIGKILL inside the first checkpoint write at or after STEP (files written,
+                      manifest not yet): the most dangerous moment of a write
+      hang            stop making progress at the start of STEP (sleep forever)
+      device_error    raise DeviceFault after the backward pass, as a flaky chip does mid-step
+      nan[:loss|grad] a NaN loss (default; multiplied in, so every gradient is NaN too, as with
+                      a real overflow) or NaN in one gradient element
+      inf[:loss|grad] the same with +inf
+      spike           multiply every gradient by 1e4
+      bitflip[:grad|weight]   flip one random bit of one element of a gradient (default), or of a
+                      weight at rest before STEP
+      ckpt_truncate   cut a file of the newest checkpoint short, then SIGKILL (the restart must
+                      reject that checkpoint and resume from the one before)
+      ckpt_bitflip    flip one bit in a file of the newest checkpoint, then SIGKILL
+
+  ROLE is `trainer` (default) or e.g. `rollout`: a process injects only its own role's faults.
+  A fault fires ONCE per run folder: it is appended to runs/NAME/faults.jsonl (fsynced) before it
+  acts, and a restarted process skips every fault found there, so kill@37 cannot loop forever.
+  Simplification: a fault that fired in a stretch of steps later lost to a crash is not replayed
+  (it happened once, in a timeline that was thrown away). Injection draws from its own seeded
+  random.Random and never touches the training RNG streams.
+
+* StepGuard: skips the update of a step whose loss or gradient norm is not finite, or whose
+  gradient norm spikes (log norm more than `guard_zscore` std above the mean of the last
+  `guard_window` accepted steps). `rollback_after` skips within the window roll back to the last
+  checkpoint from before the trouble; if trouble recurs while replaying those steps it is not
+  transient, so the guard only skips. Its window and every decision are checkpointed
+  (train_state.json), so a resumed run decides exactly like an uninterrupted one.
+
+* CorruptionDetector: every `check_every` steps, compares fingerprints of the weights and of the
+  gradients (an integer checksum per tensor, computed on the device: any single flipped bit changes
+  it) across replicas, and with one replica against a recomputation of the same step. A vote finds
+  the bad replica (weights: against the fingerprint recorded after the previous update; gradients:
+  against a recomputation), which is repaired from a healthy one; with no majority the trainer
+  rolls back to the last checkpoint. Simplification: replicas are in-process model copies fed
+  identical batches (dual modular redundancy, 2x compute). In a data-parallel job the same votes
+  run on fingerprints all-gathered across ranks (after the gradient all-reduce, where every rank
+  must hold the same gradient). Fingerprints are exact, so the compared computations must be
+  deterministic (same device kind, deterministic kernels); on CPU they are.
+
+* Heartbeat: the trainer rewrites runs/NAME/heartbeat-ROLE.json at every step; the supervisor
+  (tandem/supervisor.py) declares the job hung when none has been written for a while.
+
+* Incidents: what was detected (skips, rollbacks, corruption, rejected checkpoints, device faults,
+  and the supervisor's crashes and hangs) goes to runs/NAME/incidents.jsonl; `tandem chaos` matches
+  it against faults.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import struct
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from tandem.errors import ConfigError
+from tandem.progress import log
+from tandem.train.checkpoint import MANIFEST, list_checkpoints
+
+FAULTS_FILE = "faults.jsonl"
+INCIDENTS_FILE = "incidents.jsonl"
+HEARTBEAT_GLOB = "heartbeat-*.json"
+ATTEMPT_ENV = "TANDEM_SUPERVISED_ATTEMPT"  # set by the supervisor in each child: its attempt number
+
+# kind -> allowed targets, the first being the default
+KINDS = {"kill": ("", "ckpt"), "hang": ("",), "device_error": ("",), "nan": ("loss", "grad"),
+         "inf": ("loss", "grad"), "spike": ("grad",), "bitflip": ("grad", "weight"),
+         "ckpt_truncate": ("",), "ckpt_bitflip": ("",)}
+SPIKE_FACTOR = 1e4
+
+
+class DeviceFault(RuntimeError):
+    """The accelerator failed mid-step (injected here; real ones are the vendor runtime's errors).
+
+    Not a TandemError: it is not the user's mistake. The process exits with a traceback and the
+    supervisor restarts it from the last checkpoint: after a real device error the device context
+    is usually unusable, so a fresh process is the only safe recovery.
+    """
+
+
+# -----------------------------------------------------------------------------------------------
+# The schedule
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    target: str = ""
+    role: str = "trainer"
+
+    @property
+    def key(self) -> str:
+        """Canonical name, e.g. "trainer/bitflip:grad@70": a fault with this key fires once per run."""
+        return f"{self.role}/{self.kind}{':' + self.target if self.target else ''}@{self.step}"
+
+
+def parse_fault(text: str) -> Fault:
+    spec, at, step = text.strip().partition("@")
+    role, _, kind_target = spec.rpartition("/")
+    kind, _, target = kind_target.partition(":")
+    usage = ("write [ROLE/]KIND[:TARGET]@STEP, e.g. kill@37 or bitflip:weight@80; kinds: "
+             + ", ".join(f"{k}[:{'|'.join(t)}]" if t[0] else k for k, t in KINDS.items()))
+    if not at or not step.strip().isdigit():
+        raise ConfigError(f"bad fault '{text.strip()}' in resilience.faults; {usage}")
+    if kind not in KINDS or (target or KINDS[kind][0]) not in KINDS[kind]:
+        raise ConfigError(f"unknown fault '{text.strip()}' in resilience.faults; {usage}")
+    if role and not (role.rstrip("0123456789").isalpha() and role.islower()):
+        raise ConfigError(f"bad role '{role}' in fault '{text.strip()}'; roles look like trainer, rollout, rollout1")
+    return Fault(kind, int(step), target or KINDS[kind][0], role or "trainer")
+
+
+def parse_schedule(text: str) -> list[Fault]:
+    """"kill@37,hang@50,nan@60" -> faults in step order (empty text: none)."""
+    faults = [parse_fault(part) for part in text.split(",") if part.strip()]
+    return sorted(set(faults), key=lambda f: (f.step, f.key))
+
+
+def mtbf_schedule(mtbf: float, seed: int, steps: int, kinds: Iterable[str]) -> list[Fault]:
+    """Random faults with exponential gaps of mean `mtbf` steps over steps 1..steps-1, reproducible
+    from `seed`; each is one of `kinds` (fault specs without @STEP, e.g. "kill", "bitflip:grad")."""
+    kinds = list(kinds)
+    rng, faults, step = random.Random(f"mtbf/{seed}"), [], 0
+    while mtbf > 0 and kinds:
+        step += max(1, round(rng.expovariate(1.0 / mtbf)))
+        if step >= steps:
+            break
+        faults.append(parse_fault(f"{rng.choice(kinds)}@{step}"))
+    return sorted(set(faults), key=lambda f: (f.step, f.key))
+
+
+def configured_faults(r, steps: int) -> list[Fault]:
+    """A ResilienceConfig's faults: its explicit schedule plus the MTBF-drawn ones."""
+    return sorted(set(parse_schedule(r.faults) + mtbf_schedule(r.mtbf, r.fault_seed, steps, r.mtbf_kinds)),
+                  key=lambda f: (f.step, f.key))
+
+
+def schedule_text(faults: Iterable[Fault]) -> str:
+    """Faults back to schedule syntax (the `trainer/` prefix and default targets left out)."""
+    parts = []
+    for f in faults:
+        role = "" if f.role == "trainer" else f"{f.role}/"
+        target = f":{f.target}" if f.target and f.target != KINDS[f.kind][0] else ""
+        parts.append(f"{role}{f.kind}{target}@{f.step}")
+    return ",".join(parts)
+
+
+# -----------------------------------------------------------------------------------------------
+# The run folder's logs: faults.jsonl, incidents.jsonl, heartbeat-ROLE.json
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line and fsync it: it must survive the SIGKILL that may follow at once."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return records
+
+
+def attempt_number() -> int:
+    """Which attempt of a supervised job this process is (1 when not supervised)."""
+    return int(os.environ.get(ATTEMPT_ENV, "1"))
+
+
+class Incidents:
+    """Append-only log of what was detected and done about it (runs/NAME/incidents.jsonl)."""
+
+    def __init__(self, run_dir: Path, role: str = "trainer"):
+        self.path, self.role = Path(run_dir) / INCIDENTS_FILE, role
+        self.counts: Counter = Counter()
+
+    def record(self, kind: str, step: int | None, detail: str) -> None:
+        self.counts[kind] += 1
+        append_jsonl(self.path, {"kind": kind, "step": step, "detail": detail, "role": self.role,
+                                 "time": time.time(), "pid": os.getpid(), "attempt": attempt_number()})
+        log(f"resilience: {kind} at step {step}: {detail}")
+
+
+class Heartbeat:
+    """runs/NAME/heartbeat-ROLE.json, rewritten every step (temp file + rename, no fsync: it only has
+    to be visible to the supervisor on this machine)."""
+
+    def __init__(self, run_dir: Path, role: str = "trainer"):
+        self.path = Path(run_dir) / f"heartbeat-{role}.json"
+        self.first_step: int | None = None
+
+    def beat(self, step: int, idle: bool = False) -> None:
+        self.first_step = step if self.first_step is None else self.first_step
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "first_step": self.first_step, "time": time.time(),
+                                   "pid": os.getpid(), "idle": idle}))
+        os.replace(tmp, self.path)
+
+    def idle(self, step: int) -> None:
+        """No more steps for now (the phase is over): the supervisor stops watching for a hang."""
+        self.beat(step, idle=True)
+
+
+# -----------------------------------------------------------------------------------------------
+# Bits and fingerprints
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
+    """Flip bit `bit` of element `index` (row-major) of a contiguous tensor, in place, on its device."""
+    ints = tensor.detach().view(-1).view(_INT_VIEW[tensor.element_size()])
+    width = 8 * tensor.element_size()
+    mask = -(1 << bit) if bit == width - 1 else 1 << bit  # the sign bit, as the signed type holds it
+    ints[index:index + 1].bitwise_xor_(torch.tensor([mask], dtype=ints.dtype, device=ints.device))
+
+
+def fingerprint(tensors: Iterable[torch.Tensor | None]) -> bytes:
+    """Exact integer checksum of each tensor's bits (summed as integers on the device, so the order
+    of summation cannot matter), as bytes. A single flipped bit anywhere changes it; it is not a
+    cryptographic hash (the weight SHA-256 of a checkpoint is model.weights_fingerprint)."""
+    sums = [t.detach().reshape(-1).view(_INT_VIEW[t.element_size()]).sum(dtype=torch.int64)
+            for t in tensors if t is not None]
+    return torch.stack(sums).cpu().numpy().tobytes() if sums else b""
+
+
+def weight_fingerprint(model: torch.nn.Module) -> bytes:
+    return fingerprint(model.parameters())
+
+
+def result_fingerprint(model: torch.nn.Module, loss: float) -> bytes:
+    """A step's result on one replica: its gradients and its loss."""
+    return fingerprint(p.grad for p in model.parameters()) + struct.pack("<d", loss)
+
+
+def majority(votes: list[bytes]) -> bytes | None:
+    """The value held by more than half of the votes, else None."""
+    if not votes:
+        return None
+    value, count = Counter(votes).most_common(1)[0]
+    return value if count * 2 > len(votes) else None
+
+
+# -----------------------------------------------------------------------------------------------
+# Fault injection
+
+
+class FaultInjector:
+    """Injects a role's scheduled faults at the points where the trainer calls it.
+
+        faults = FaultInjector.from_config(cfg.resilience, steps, run_dir)     # role "trainer"
+        faults.start_of_step(step, checkpoints=ckpt_root)   hang, ckpt_truncate, ckpt_bitflip
+        faults.corrupt_weights(step, models)                bitflip:weight
+        loss = faults.corrupt_loss(step, loss, replica, n)  nan:loss, inf:loss
+        faults.mid_step(step)                               kill, device_error
+        faults.corrupt_grads(step, models)                  nan:grad, inf:grad, spike, bitflip:grad
+        save_checkpoint(..., before_commit=faults.before_commit(step))         kill:ckpt
+
+    `models` are the replicas (a list of one model without replication); a data fault hits one of
+    them, chosen from the fault's seed. A rollout worker calls start_of_step and mid_step only.
+    """
+
+    def __init__(self, faults: Iterable[Fault], run_dir: Path, role: str = "trainer", seed: int = 0):
+        self.path = Path(run_dir) / FAULTS_FILE
+        self.role, self.seed = role, seed
+        self.pending = [f for f in faults if f.role == role]
+        fired = {r.get("fault") for r in read_jsonl(self.path)}
+        self.pending = [f for f in self.pending if f.key not in fired]
+
+    @classmethod
+    def from_config(cls, r, steps: int, run_dir: Path, role: str = "trainer") -> "FaultInjector":
+        return cls(configured_faults(r, steps), run_dir, role, r.fault_seed)
+
+    def _take(self, step: int, *kinds: str, at_or_after: bool = False) -> list[Fault]:
+        """Unfired faults of these "kind:target"s due at `step`, removed from the pending list."""
+        due = [f for f in self.pending if f"{f.kind}:{f.target}".rstrip(":") in kinds
+               and (f.step == step or (at_or_after and f.step <= step))]
+        self.pending = [f for f in self.pending if f not in due]
+        return due
+
+    def _rng(self, fault: Fault) -> random.Random:
+        return random.Random(f"{self.seed}/{fault.key}")
+
+    def _fire(self, fault: Fault, step: int, **detail) -> None:
+        """Record the fault in faults.jsonl (durably) before it acts."""
+        append_jsonl(self.path, {"fault": fault.key, "kind": fault.kind, "target": fault.target, "role": fault.role,
+                                 "step": step, "time": time.time(), "pid": os.getpid(),
+                                 "attempt": attempt_number(), **detail})
+        log(f"fault injected: {fault.key}" + "".join(f" {k}={v}" for k, v in detail.items()))
+
+    def start_of_step(self, step: int, checkpoints: Path | None = None) -> None:
+        for fault in self._take(step, "ckpt_truncate", "ckpt_bitflip"):
+            self._damage_checkpoint(fault, step, checkpoints)
+        for fault in self._take(step, "hang"):
+            self._fire(fault, step)
+            while True:  # a hang: only the supervisor's SIGKILL ends this
+                time.sleep(3600)
+
+    def mid_step(self, step: int) -> None:
+        for fault in self._take(step, "kill", "device_error"):
+            self._fire(fault, step)
+            if fault.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise DeviceFault(f"injected device error at step {step} ({fault.key})")
+
+    def before_commit(self, step: int) -> Callable[[], None] | None:
+        """A save_checkpoint hook that SIGKILLs mid-write, if a kill:ckpt fault is due by `step`."""
+        due = self._take(step, "kill:ckpt", at_or_after=True)
+        if not due:
+            return None
+
+        def kill() -> None:
+            for fault in due:
+                self._fire(fault, step, checkpoint_step=step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return kill
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor, replica: int = 0, replicas: int = 1) -> torch.Tensor:
+        for fault in [f for f in self.pending if f.step == step and f.target == "loss"]:
+            if self._rng(fault).randrange(replicas) == replica:
+                self._take(step, f"{fault.kind}:loss")
+                self._fire(fault, step, replica=replica)
+                loss = loss * (float("nan") if fault.kind == "nan" else float("inf"))
+        return loss
+
+    def corrupt_grads(self, step: int, models: list[torch.nn.Module]) -> None:
+        for fault in self._take(step, "nan:grad", "inf:grad", "spike:grad", "bitflip:grad"):
+            rng = self._rng(fault)
+            replica = rng.randrange(len(models))
+            named = [(n, p.grad) for n, p in models[replica].named_parameters() if p.grad is not None]
+            if fault.kind == "spike":
+                self._fire(fault, step, replica=replica, factor=SPIKE_FACTOR)
+                for _, grad in named:
+                    grad.mul_(SPIKE_FACTOR)
+            else:
+                self._corrupt_element(fault, step, rng, replica, named)
+
+    def corrupt_weights(self, step: int, models: list[torch.nn.Module]) -> None:
+        for fault in self._take(step, "bitflip:weight"):
+            rng = self._rng(fault)
+            replica = rng.randrange(len(models))
+            self._corrupt_element(fault, step, rng, replica, list(models[replica].named_parameters()))
+
+    def _corrupt_element(self, fault, step, rng, replica, named: list[tuple[str, torch.Tensor]]) -> None:
+        """One element of one tensor: a flipped bit (bitflip) or a NaN/inf (nan:grad, inf:grad)."""
+        name, tensor = named[rng.randrange(len(named))]
+        index = rng.randrange(tensor.numel())
+        if fault.kind == "bitflip":
+            bit = rng.randrange(8 * tensor.element_size())
+            self._fire(fault, step, replica=replica, tensor=name, index=index, bit=bit)
+            with torch.no_grad():
+                flip_bit(tensor, index, bit)
+        else:
+            self._fire(fault, step, replica=replica, tensor=name, index=index)
+            with torch.no_grad():
+                tensor.view(-1)[index] = float("nan") if fault.kind == "nan" else float("inf")
+
+    def _damage_checkpoint(self, fault: Fault, step: int, checkpoints: Path | None) -> None:
+        """Truncate or bit-flip one file of the newest committed checkpoint, then crash."""
+        committed = [p for p in list_checkpoints(checkpoints) if (p / MANIFEST).is_file()] if checkpoints else []
+        if not committed:
+            self._fire(fault, step, damaged=None)  # nothing written yet: nothing to damage, no crash
+            return
+        rng = self._rng(fault)
+        files = sorted(p.name for p in committed[0].iterdir())
+        target = committed[0] / files[rng.randrange(len(files))]
+        size = target.stat().st_size
+        offset = rng.randrange(max(1, size))
+        self._fire(fault, step, damaged=str(target), offset=offset)
+        with open(target, "r+b") as handle:
+            if fault.kind == "ckpt_truncate":
+                handle.truncate(offset)
+            elif size:
+                handle.seek(offset)
+                byte = handle.read(1)[0] ^ (1 << rng.randrange(8))
+                handle.seek(offset)
+                handle.write(bytes([byte]))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -----------------------------------------------------------------------------------------------
+# The NaN / spike guard
+
+STD_FLOOR = 0.1  # in log space: without it a very steady window would flag a 1.01x wobble
+
+
+@dataclass
+class Verdict:
+    action: str          # "update" | "skip" | "rollback"
+    reason: str = ""
+
+
+class StepGuard:
+    """Decides, from a step's loss and pre-clip gradient norm, whether its update is applied."""
+
+    def __init__(self, enabled: bool = True, window: int = 50, zscore: float = 8.0, min_history: int = 20,
+                 rollback_after: int = 3):
+        self.enabled, self.window, self.zscore = enabled, window, zscore
+        self.min_history, self.rollback_after = min_history, rollback_after
+        self.reset()
+
+    def reset(self) -> None:
+        """The state of a run that has not started."""
+        self.norms: deque = deque(maxlen=self.window)  # grad norms of recently applied updates
+        self.skipped: list = []                        # [step, reason] of every skipped update
+        self.replay_until = -1                         # steps <= this are a replay after a rollback
+
+    @classmethod
+    def from_config(cls, r) -> "StepGuard":
+        return cls(r.guard, r.guard_window, r.guard_zscore, r.guard_min_history, r.rollback_after)
+
+    def check(self, step: int, loss: float, grad_norm: float) -> Verdict:
+        reason = self._trouble(loss, grad_norm) if self.enabled else ""
+        if not reason:
+            self.norms.append(grad_norm)
+            return Verdict("update")
+        self.skipped.append([step, reason])
+        recent = [s for s, _ in self.skipped if s > step - self.window]
+        if self.rollback_after and len(recent) >= self.rollback_after and step > self.replay_until:
+            return Verdict("rollback", f"{len(recent)} skipped updates in {self.window} steps (last: {reason})")
+        return Verdict("skip", reason)
+
+    def _trouble(self, loss: float, grad_norm: float) -> str:
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if not math.isfinite(grad_norm):
+            return f"gradient norm is {grad_norm}"
+        if len(self.norms) < self.min_history or grad_norm <= 0:
+            return ""
+        logs = [math.log(n) for n in self.norms if n > 0]
+        mean = sum(logs) / len(logs)
+        std = max(STD_FLOOR, math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)))
+        z = (math.log(grad_norm) - mean) / std
+        return f"gradient norm {grad_norm:.4g} is {z:.1f} std above the last {len(logs)} steps" if z > self.zscore else ""
+
+    def trouble_start(self, step: int) -> int:
+        """First step of the skips that triggered a rollback at `step` (roll back to before it)."""
+        return min([s for s, _ in self.skipped if s > step - self.window], default=step)
+
+    def rolled_back(self, from_step: int) -> None:
+        """After a rollback (and reloading this guard's state): the steps up to `from_step` are a replay."""
+        self.replay_until = from_step
+
+    def state_dict(self) -> dict:
+        return {"norms": list(self.norms), "skipped": [list(s) for s in self.skipped],
+                "replay_until": self.replay_until}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norms = deque(state["norms"], maxlen=self.window)
+        self.skipped = [list(s) for s in state["skipped"]]
+        self.replay_until = state["replay_until"]
+
+
+# -----------------------------------------------------------------------------------------------
+# Silent-corruption detection
+
+
+def copy_replica(src_model, src_optimizer, dst_model, dst_optimizer) -> None:
+    """Make a replica an exact copy of another: weights and optimizer state (deep-copied, so the two
+    optimizers never share a moment tensor)."""
+    dst_model.load_state_dict(src_model.state_dict())
+    dst_optimizer.load_state_dict(copy.deepcopy(src_optimizer.state_dict()))
+
+
+def copy_grads(src_model, dst_model) -> None:
+    with torch.no_grad():
+        for src, dst in zip(src_model.parameters(), dst_model.parameters()):
+            dst.grad.copy_(src.grad)
+
+
+class CorruptionDetector:
+    """Votes on weight and gradient fingerprints every `every` steps; repairs what it can.
+
+    check_weights / check_grads return True when the replicas cannot be repaired and the caller
+    must roll back to the last checkpoint from at most step `last_good` (the newest step whose
+    check passed: a checkpoint written after an undetected corruption may hold it).
+    """
+
+    def __init__(self, every: int, incidents: Incidents):
+        self.every, self.incidents = every, incidents
+        self.reference: list[bytes] | None = None   # weight fingerprints after the last update
+        self.last_good = 0
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def forget(self) -> None:
+        """After a restore from a checkpoint: the recorded fingerprints no longer apply."""
+        self.reference = None
+
+    def remember_weights(self, next_step: int, models: list) -> None:
+        """After an update: record each replica's weight fingerprint if `next_step` is checked."""
+        self.reference = [weight_fingerprint(m) for m in models] if self.due(next_step) else None
+
+    def check_weights(self, step: int, models: list, optimizers: list) -> bool:
+        """Weights at rest: each replica against the others and against the fingerprint they all
+        agreed on after the last update (a vote of its own, so 2 replicas can outvote 1)."""
+        if not self.due(step):
+            return False
+        now = [weight_fingerprint(m) for m in models]
+        votes = list(now)
+        if self.reference is not None and len(set(self.reference)) == 1:
+            votes.append(self.reference[0])
+        if len(set(votes)) == 1:
+            self.last_good = step
+            return False
+        winner = majority(votes)
+        if winner is None:
+            self.incidents.record("corruption", step, f"weights of {len(models)} replica(s) disagree with no "
+                                  "majority; rolling back to the last checkpoint")
+            return True
+        good = now.index(winner)
+        bad = [r for r, fp in enumerate(now) if fp != winner]
+        for r in bad:
+            copy_replica(models[good], optimizers[good], models[r], optimizers[r])
+        self.incidents.record("corruption", step, f"weights of replica {', '.join(map(str, bad))} changed at rest; "
+                              f"restored from replica {good}")
+        self.last_good = step
+        return False
+
+    def check_grads(self, step: int, models: list, losses: list[float], recompute: Callable[[int], None]) -> bool:
+        """Gradients and losses against each other; on disagreement (always, with one replica)
+        replica 0 recomputes the step for a tie-breaking vote, at most twice. recompute(r) redoes
+        replica r's forward and backward and stores its loss in losses[r]."""
+        if not self.due(step):
+            return False
+        current = [result_fingerprint(m, loss) for m, loss in zip(models, losses)]
+        votes = list(current)
+        while majority(votes) is None or len(votes) == 1:
+            if len(votes) >= len(models) + 2:
+                self.incidents.record("corruption", step, "gradients disagree and recomputing does not settle it; "
+                                      "rolling back to the last checkpoint")
+                return True
+            recompute(0)
+            current[0] = result_fingerprint(models[0], losses[0])
+            votes.append(current[0])
+        if len(set(votes)) == 1:
+            return False
+        winner = majority(votes)
+        good = current.index(winner)
+        bad = [r for r, fp in enumerate(current) if fp != winner]
+        for r in bad:
+            copy_grads(models[good], models[r])
+            losses[r] = losses[good]
+        wrong = "replica 0's first computation" if not bad else f"replica {', '.join(map(str, bad))}"
+        self.incidents.record("corruption", step, f"gradients of {wrong} differed from the majority of "
+                              f"{len(votes)} computations; repaired")
+        return False

@@ -1,0 +1,41 @@
+"""`tandem chaos` end to end: real subprocesses, real SIGKILLs and a real hang, next to a twin."""
+
+import json
+
+from conftest import run_tandem
+from tandem.chaos import match_detections
+from tandem.cli import main
+
+
+def test_chaos_reports_every_fault_detected_and_identical_weights(tmp_path):
+    result = run_tandem("chaos", "--preset", "smoke", "--out", tmp_path / "c", "--json",
+                        "--faults", "kill@3,bitflip:weight@4,kill:ckpt@5,hang@7,device_error@9,ckpt_truncate@11",
+                        "--set", "sft.steps=14", "--set", "sft.checkpoint_every=3", "--set", "run.threads=1",
+                        "--set", "resilience.heartbeat_timeout=2", "--set", "resilience.replicas=2",
+                        "--set", "resilience.check_every=1", timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["faults_injected"] == report["faults_detected"] == 6 and report["undetected"] == []
+    assert report["restarts"] == 5 and report["identical"] and report["skipped_updates"] == 0
+    assert report["time_lost_s"] > 2.0 and 0 < report["goodput"] < report["twin_goodput"] <= 1
+    for name in ("twin.log", "chaos.log", "chaos/faults.jsonl", "chaos/incidents.jsonl", "chaos/supervisor.json"):
+        assert (tmp_path / "c" / name).is_file()
+
+
+def test_detections_are_matched_at_their_own_step_first():
+    faults = [{"fault": "a", "kind": "bitflip", "step": 2, "attempt": 1, "time": 1.0},
+              {"fault": "b", "kind": "nan", "step": 5, "attempt": 1, "time": 2.0}]
+    incidents = [{"kind": "skip", "step": 5, "attempt": 1, "time": 2.1}]
+    detected, undetected = match_detections(faults, incidents)
+    assert [f["fault"] for f in detected] == ["b"] and [f["fault"] for f in undetected] == ["a"]
+
+
+def test_chaos_mistakes_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    for args in (["--out", str(tmp_path / "a")],                                      # no faults at all
+                 ["--out", str(tmp_path / "b"), "--faults", "explode@3"],             # unknown fault
+                 ["--out", str(tmp_path / "full"), "--faults", "kill@3"]):           # not a new folder
+        assert main(["chaos", "--preset", "smoke", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,158 @@
+"""Fault injection, the NaN/spike guard, silent-corruption detection and async checkpoints, in-process.
+
+Faults that end the process (kill, hang, device errors, damaged checkpoints) are tested on real
+subprocesses in test_supervisor.py and test_chaos.py.
+"""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from tandem.config import load_config
+from tandem.errors import ConfigError
+from tandem.model import weights_fingerprint
+from tandem.pipeline import build_tasks, ensure_tokenizer
+from tandem.runs import prepare_run
+from tandem.train.checkpoint import (AsyncCheckpointer, latest_valid, list_checkpoints, load_checkpoint,
+                                     save_checkpoint, verify_checkpoint)
+from tandem.train.resilience import (FaultInjector, StepGuard, fingerprint, flip_bit, mtbf_schedule, parse_schedule,
+                                     read_jsonl, schedule_text)
+from tandem.train.sft import train_sft
+
+BASE = ["sft.steps=12", "sft.checkpoint_every=4", "sft.log_every=1", "run.threads=1"]
+
+
+def _train(run_dir, overrides, stop_after=None):
+    cfg = load_config(preset="smoke", overrides=BASE + overrides)
+    run_dir = prepare_run(run_dir, cfg)
+    tasks = build_tasks(cfg)
+    stats = train_sft(cfg, run_dir, ensure_tokenizer(cfg, run_dir, tasks), tasks, progress=False,
+                      stop_after=stop_after)
+    final = load_checkpoint(latest_valid(run_dir / "checkpoints" / "sft"))
+    return weights_fingerprint(final["model"]), final["train_state"], stats
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """The fault-free run every faulty run is compared with."""
+    return _train(tmp_path_factory.mktemp("clean") / "run", [])[0]
+
+
+def test_schedule_syntax_and_mtbf():
+    faults = parse_schedule("nan@60, kill@37,rollout/hang@50,bitflip:weight@80,kill:ckpt@90")
+    assert [f.key for f in faults] == ["trainer/kill@37", "rollout/hang@50", "trainer/nan:loss@60",
+                                       "trainer/bitflip:weight@80", "trainer/kill:ckpt@90"]
+    assert schedule_text(faults) == "kill@37,rollout/hang@50,nan@60,bitflip:weight@80,kill:ckpt@90"
+    for bad in ("kill", "kill@x", "melt@3", "nan:weight@3", "Bad/kill@3"):
+        with pytest.raises(ConfigError) as err:
+            parse_schedule(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="resilience.faults"):
+        load_config(preset="smoke", overrides=['resilience.faults="hang@soon"'])
+    drawn = mtbf_schedule(20, seed=3, steps=20_000, kinds=["kill", "bitflip:grad"])
+    assert drawn == mtbf_schedule(20, seed=3, steps=20_000, kinds=["kill", "bitflip:grad"])
+    assert 800 < len(drawn) < 1200 and {f.kind for f in drawn} == {"kill", "bitflip"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_single_bit_flip_changes_the_fingerprint(dtype):
+    tensor = torch.randn(3, 5).to(dtype)
+    before, reference = fingerprint([tensor]), tensor.clone()
+    for bit in range(8 * tensor.element_size()):
+        flip_bit(tensor, 7, bit)
+        changed = (tensor.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+                   != reference.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        assert changed.sum() == 1 and changed[7] and fingerprint([tensor]) != before
+        flip_bit(tensor, 7, bit)
+        assert fingerprint([tensor]) == before
+
+
+def test_guard_skips_nonfinite_and_spikes_then_rolls_back():
+    guard = StepGuard(window=10, zscore=6.0, min_history=4, rollback_after=3)
+    norms = [1.0, 1.1, 0.9, 1.05, 0.95]
+    assert all(guard.check(s, 2.0, n).action == "update" for s, n in enumerate(norms))
+    assert guard.check(5, float("nan"), 1.0).action == "skip"
+    assert guard.check(6, 2.0, float("inf")).action == "skip"
+    assert guard.check(7, 2.0, 1.3).action == "update"           # an ordinary wobble
+    state = json.loads(json.dumps(guard.state_dict()))            # survives train_state.json
+    verdict = guard.check(8, 2.0, 1e4)                            # a spike, the third skip in the window
+    assert verdict.action == "rollback" and "std above" in verdict.reason
+    assert guard.trouble_start(8) == 5
+    guard.load_state_dict(state)
+    guard.rolled_back(8)
+    assert guard.check(8, 2.0, 1e4).action == "skip"              # recurring while replaying: not transient
+
+
+def test_a_fault_fires_once_per_run_folder(tmp_path):
+    loss = torch.tensor(1.5)
+    injector = FaultInjector(parse_schedule("nan@3"), tmp_path)
+    assert injector.corrupt_loss(2, loss) is loss
+    assert math.isnan(float(injector.corrupt_loss(3, loss)))
+    assert [r["fault"] for r in read_jsonl(tmp_path / "faults.jsonl")] == ["trainer/nan:loss@3"]
+    again = FaultInjector(parse_schedule("nan@3"), tmp_path)  # a restarted process
+    assert again.corrupt_loss(3, loss) is loss
+    assert FaultInjector(parse_schedule("rollout/nan@3"), tmp_path).corrupt_loss(3, loss) is loss  # not its role
+
+
+def test_two_replicas_detect_and_repair_every_flip(tmp_path, clean):
+    faults = "bitflip:grad@2,bitflip:weight@3,nan@5,bitflip:weight@6,nan:grad@7,spike@8,bitflip:grad@9"
+    fp, _, stats = _train(tmp_path / "run", ["resilience.replicas=2", "resilience.check_every=1",
+                                             f"resilience.faults={json.dumps(faults)}"])
+    assert stats["incidents"] == {"corruption": 7}
+    assert fp == clean  # every corruption repaired from the healthy replica: the fault-free weights
+
+
+def test_one_replica_recomputes_and_rolls_back(tmp_path, clean):
+    fp, _, stats = _train(tmp_path / "run", ["resilience.check_every=2",
+                                             'resilience.faults="bitflip:grad@4,bitflip:weight@6"'])
+    # the gradient flip is outvoted by two recomputations; the weight flip (no second replica to
+    # restore from) sends the run back to the step-4 checkpoint
+    assert stats["incidents"] == {"corruption": 2, "rollback": 1} and fp == clean
+
+
+def test_guard_decisions_are_checkpointed_and_resume_exactly(tmp_path):
+    overrides = ['resilience.faults="nan@3,spike@9"', "resilience.guard_min_history=3"]
+    straight, state, stats = _train(tmp_path / "straight", overrides)
+    assert stats["incidents"] == {"skip": 2} and [s for s, _ in state["guard"]["skipped"]] == [3, 9]
+    _train(tmp_path / "resumed", overrides, stop_after=6)
+    resumed, resumed_state, _ = _train(tmp_path / "resumed", overrides)
+    assert resumed == straight and resumed_state["guard"] == state["guard"]
+
+
+def test_rollback_after_transient_trouble_recovers_the_fault_free_weights(tmp_path, clean):
+    fp, state, stats = _train(tmp_path / "run", ['resilience.faults="nan@6,nan@7,inf:grad@8"'])
+    assert stats["incidents"] == {"skip": 3, "rollback": 1}
+    assert fp == clean and state["guard"]["skipped"] == []  # the replay was clean: nothing skipped in the end
+
+
+def test_async_checkpoints_match_sync_ones(tmp_path, clean):
+    fp, _, stats = _train(tmp_path / "run", ["resilience.async_checkpoint=true"])
+    assert fp == clean and stats["checkpoint_seconds"] > 0
+    _train(tmp_path / "resumed", ["resilience.async_checkpoint=true"], stop_after=5)
+    assert _train(tmp_path / "resumed", ["resilience.async_checkpoint=true"])[0] == clean
+    saver = AsyncCheckpointer()
+    saver.save(tmp_path / "ckpts", 1, {"w": torch.ones(2)}, {"phase": "sft"}, extra_files={"x": tmp_path / "nope"})
+    with pytest.raises(FileNotFoundError):  # the writer's error reaches the training thread
+        saver.wait()
+    assert list_checkpoints(tmp_path / "ckpts") == []
+
+
+def test_every_damaged_checkpoint_file_is_rejected(tmp_path):
+    folder = save_checkpoint(tmp_path, 3, {"w": torch.randn(64)}, {"phase": "sft"},
+                             extra_files={"model_config.json": b'{"hidden_size": 8}'})
+    pristine = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rng = random.Random(0)
+    for trial in range(200):
+        name = sorted(pristine)[trial % len(pristine)]
+        data = bytearray(pristine[name])
+        if trial % 2:
+            del data[rng.randrange(len(data)):]
+        else:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        (folder / name).write_bytes(bytes(data))
+        assert verify_checkpoint(folder) is not None, (name, trial)
+        (folder / name).write_bytes(pristine[name])
+    assert verify_checkpoint(folder) is None
