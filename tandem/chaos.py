@@ -3,16 +3,20 @@
     tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,nan@15,kill:ckpt@16 \\
         --set resilience.heartbeat_timeout=3
     tandem chaos --preset tiny --out runs/chaos --mtbf 50 --fault-seed 1 --kinds kill,device_error
+    tandem chaos --init runs/demo --preset smoke --out runs/chaos-rl --faults kill@2,rollout1/kill@1 \
+        --set rl.mode=sync --set rollout.timeout=10                                      (GRPO)
 
-Both jobs are the real CLI in subprocesses, one after the other: `tandem sft ... --supervise` into
-OUT/twin, then the same command with the faults added to its config into OUT/chaos. The report:
+Both jobs are the real CLI in subprocesses, one after the other: `tandem sft ... --supervise` (with
+--init: `tandem rl --init ... --supervise`) into OUT/twin, then the same command with the faults
+added to its config into OUT/chaos. The report:
 
     faults injected   what faults.jsonl says fired (a scheduled fault may never come due)
     faults detected   injected faults matched to what noticed them (incidents.jsonl): a kill to
                       the supervisor's crash, a hang to its watchdog, a device error to the
                       trainer's DeviceFault, NaN/inf/spike to a guard skip (or, with replicas, a
                       corruption repair), a bit flip to a corruption repair (or a skip), a damaged
-                      checkpoint to its rejection on the next load
+                      checkpoint to its rejection on the next load, a rollout worker's kill or
+                      hang to the worker pool's handling of it
     restarts          the supervisor's restarts
     time lost         chaos wall time - twin wall time
     goodput           useful step time / wall time, where useful step time is the twin's time in
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.config import load_config
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, ModelError
 from tandem.model import weights_fingerprint
 from tandem.progress import log
 from tandem.runs import read_summary
@@ -43,10 +47,11 @@ from tandem.train.resilience import FAULTS_FILE, INCIDENTS_FILE, configured_faul
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESS_FAULTS = ("kill", "hang", "device_error", "ckpt_truncate", "ckpt_bitflip")  # each costs a restart
-DETECTED_BY = {"kill": ("crash",), "hang": ("hang",), "device_error": ("device_fault",),
+DETECTED_BY = {"kill": ("crash",), "hang": ("hang",), "device_error": ("device_fault", "crash"),
                "nan": ("skip", "corruption"), "inf": ("skip", "corruption"), "spike": ("skip", "corruption"),
                "bitflip": ("corruption", "skip"), "ckpt_truncate": ("checkpoint_rejected",),
                "ckpt_bitflip": ("checkpoint_rejected",)}
+WORKER_DETECTED_BY = ("worker_fault",)  # any fault of a rollout worker (roles other than the trainer)
 
 
 @dataclass
@@ -62,9 +67,11 @@ class JobResult:
     incidents: list[dict] = field(default_factory=list)  # incidents.jsonl
 
 
-def run_job(config_args: list[str], folder: Path, overrides: list[str], max_restarts: int) -> JobResult:
-    """`tandem sft CONFIG_ARGS --out FOLDER --supervise` in a subprocess; output to FOLDER.log."""
-    command = [sys.executable, "-m", "tandem.cli", "sft", *config_args, *sum((["--set", o] for o in overrides), []),
+def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: int) -> JobResult:
+    """`tandem JOB --out FOLDER --supervise` in a subprocess, e.g. JOB = ["sft", "--preset", "smoke"];
+    its output goes to FOLDER.log."""
+    phase = job[0]
+    command = [sys.executable, "-m", "tandem.cli", *job, *sum((["--set", o] for o in overrides), []),
                "--out", str(folder), "--quiet", "--supervise", "--max-restarts", str(max_restarts)]
     started = time.time()
     with open(folder.with_name(folder.name + ".log"), "w") as output:
@@ -72,11 +79,11 @@ def run_job(config_args: list[str], folder: Path, overrides: list[str], max_rest
     supervision = json.loads((folder / SUPERVISOR_FILE).read_text()) if (folder / SUPERVISOR_FILE).is_file() else {}
     attempts = supervision.get("attempts", [])
     wall = attempts[-1]["ended"] - attempts[0]["started"] if attempts else time.time() - started
-    latest = latest_valid(folder / "checkpoints" / "sft")
+    latest = latest_valid(folder / "checkpoints" / phase)
     final = load_checkpoint(latest) if latest else None
-    return JobResult(folder, returncode, wall, read_summary(folder).get("sft", {}).get("seconds", 0.0),
+    return JobResult(folder, returncode, wall, read_summary(folder).get(phase, {}).get("seconds", 0.0),
                      supervision.get("restarts", 0), weights_fingerprint(final["model"]) if final else None,
-                     len(final["train_state"]["guard"]["skipped"]) if final else 0,
+                     len(final["train_state"].get("guard", {}).get("skipped", [])) if final else 0,
                      read_jsonl(folder / FAULTS_FILE), read_jsonl(folder / INCIDENTS_FILE))
 
 
@@ -87,8 +94,9 @@ def match_detections(faults: list[dict], incidents: list[dict]) -> tuple[list[di
     pairs: dict[int, int] = {}
     for same_step in (True, False):
         for f, fault in sorted(enumerate(faults), key=lambda item: item[1]["time"]):
+            kinds = DETECTED_BY[fault["kind"]] if fault["role"] == "trainer" else WORKER_DETECTED_BY
             match = next((i for i, inc in enumerate(incidents) if i not in pairs.values() and f not in pairs
-                          and inc["kind"] in DETECTED_BY[fault["kind"]] and inc["time"] >= fault["time"]
+                          and inc["kind"] in kinds and inc["time"] >= fault["time"]
                           and (not same_step or (inc["step"], inc["attempt"]) == (fault["step"], fault["attempt"]))),
                          None)
             if match is not None:
@@ -99,6 +107,7 @@ def match_detections(faults: list[dict], incidents: list[dict]) -> tuple[list[di
 
 @dataclass
 class ChaosReport:
+    job: str
     preset: str
     steps: int
     schedule: str
@@ -117,7 +126,7 @@ class ChaosReport:
         return self.twin.fingerprint is not None and self.twin.fingerprint == self.chaos.fingerprint
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "steps": self.steps, "schedule": self.schedule,
+        return {"job": self.job, "preset": self.preset, "steps": self.steps, "schedule": self.schedule,
                 "faults_injected": len(self.injected), "faults_detected": len(self.detected),
                 "undetected": [f["fault"] for f in self.undetected], "restarts": self.chaos.restarts,
                 "twin_wall_s": self.twin.wall, "chaos_wall_s": self.chaos.wall,
@@ -143,7 +152,7 @@ class ChaosReport:
                 ("time lost", "-", f"{d['time_lost_s']:.1f} s", ""),
                 ("goodput", f"{d['twin_goodput']:.1%}", f"{d['goodput']:.1%}", "useful step time / wall time"),
                 ("final weights", (self.twin.fingerprint or "-")[:12], (self.chaos.fingerprint or "-")[:12], verdict)]
-        lines = [f"chaos: sft, preset {self.preset}, {self.steps} steps; faults {self.schedule or '(none)'}",
+        lines = [f"chaos: {self.job}, preset {self.preset}, {self.steps} steps; faults {self.schedule or '(none)'}",
                  f"  {'':18s}{'fault-free twin':>16s}{'under faults':>16s}"]
         lines += [f"  {name:18s}{a:>16s}{b:>16s}   {note}".rstrip() for name, a, b, note in rows]
         if self.undetected:
@@ -156,28 +165,33 @@ class ChaosReport:
 
 def run_chaos(preset: str | None, config: str | None, overrides: list[str], out: Path, faults: str = "",
               mtbf: float = 0.0, fault_seed: int = 0, kinds: list[str] | None = None,
-              max_restarts: int | None = None) -> ChaosReport:
-    """The twin, then the job under faults; preset/config/overrides (--set) are given to both jobs."""
+              max_restarts: int | None = None, init: str | None = None) -> ChaosReport:
+    """The twin, then the job under faults: SFT, or GRPO from `init`; preset/config/overrides
+    (--set) are given to both jobs."""
     out = Path(out)
-    config_args = ["--preset", preset] if preset else ["--config", str(config)] if config else []
+    job = ["rl", "--init", str(Path(init).resolve())] if init else ["sft"]
+    job += ["--preset", preset] if preset else ["--config", str(config)] if config else []
     fault_overrides = [f"resilience.faults={json.dumps(faults)}", f"resilience.mtbf={mtbf}",
                        f"resilience.fault_seed={fault_seed}"]
     if kinds:
         fault_overrides.append(f"resilience.mtbf_kinds={json.dumps(kinds)}")
     cfg = load_config(preset, config, overrides + fault_overrides)  # the job's own checks, before any work
+    if init and not Path(init).exists():
+        raise ModelError(f"--init path not found: {init}")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; tandem chaos needs a new --out (it runs two jobs from scratch)")
-    schedule = configured_faults(cfg.resilience, cfg.sft.steps)
+    steps = cfg.rl.steps if init else cfg.sft.steps
+    schedule = configured_faults(cfg.resilience, steps)
     if max_restarts is None:
         max_restarts = sum(f.kind in PROCESS_FAULTS for f in schedule) + 3
     out.mkdir(parents=True, exist_ok=True)
     log(f"chaos: fault-free twin -> {out / 'twin'}")
-    twin = run_job(config_args, out / "twin", overrides, max_restarts)
+    twin = run_job(job, out / "twin", overrides, max_restarts)
     if twin.returncode != 0:
         raise ConfigError(f"the fault-free twin failed (exit {twin.returncode}); see {out / 'twin.log'}")
     log(f"chaos: {len(schedule)} scheduled fault(s) -> {out / 'chaos'}")
-    chaos = run_job(config_args, out / "chaos", overrides + fault_overrides, max_restarts)
+    chaos = run_job(job, out / "chaos", overrides + fault_overrides, max_restarts)
     injected = [f for f in chaos.faults if f.get("damaged", "") is not None]  # nothing to damage: a no-op
     detected, undetected = match_detections(injected, chaos.incidents)
-    return ChaosReport(cfg.preset or "custom", cfg.sft.steps, schedule_text(schedule), twin, chaos, injected,
+    return ChaosReport(job[0], cfg.preset or "custom", steps, schedule_text(schedule), twin, chaos, injected,
                        detected, undetected)

@@ -2,7 +2,7 @@
 
     tandem sft --preset tiny --out runs/x --supervise --max-restarts 5
     tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,nan@15 \\
-        --set resilience.heartbeat_timeout=3 [--json]
+        --set resilience.heartbeat_timeout=3 [--json] [--init RUN: GRPO instead of SFT]
 
 tandem/cli.py adds the supervision flags to every command that takes a config (sft, rl, pipeline)
 and, when --supervise is given, hands the command to run_supervised instead of running it. The
@@ -58,6 +58,7 @@ def add_chaos_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field for both jobs (repeatable)")
     p.add_argument("--out", required=True, help="a new folder; the jobs go to OUT/twin and OUT/chaos")
+    p.add_argument("--init", help="run GRPO (tandem rl) from this run or checkpoint instead of SFT")
     p.add_argument("--faults", default="", help="a fault schedule, e.g. kill@7,hang@12,nan@15,bitflip:grad@18")
     p.add_argument("--mtbf", type=float, default=0.0, help="also random faults, one per MTBF steps on average")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the random faults and bit positions")
@@ -73,6 +74,6 @@ def cmd_chaos(args) -> int:
         raise TandemError("give --faults SCHEDULE or --mtbf STEPS (or both); e.g. --faults kill@7,hang@12")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] or None
     report = run_chaos(args.preset, args.config, args.overrides, args.out, args.faults, args.mtbf,
-                       args.fault_seed, kinds, args.max_restarts)
+                       args.fault_seed, kinds, args.max_restarts, args.init)
     print(json.dumps(report.to_dict()) if args.json else report.text())
     return 0 if report.chaos.returncode == 0 else 1

@@ -23,8 +23,8 @@ def test_chaos_reports_every_fault_detected_and_identical_weights(tmp_path):
 
 
 def test_detections_are_matched_at_their_own_step_first():
-    faults = [{"fault": "a", "kind": "bitflip", "step": 2, "attempt": 1, "time": 1.0},
-              {"fault": "b", "kind": "nan", "step": 5, "attempt": 1, "time": 2.0}]
+    faults = [{"fault": "a", "kind": "bitflip", "role": "trainer", "step": 2, "attempt": 1, "time": 1.0},
+              {"fault": "b", "kind": "nan", "role": "trainer", "step": 5, "attempt": 1, "time": 2.0}]
     incidents = [{"kind": "skip", "step": 5, "attempt": 1, "time": 2.1}]
     detected, undetected = match_detections(faults, incidents)
     assert [f["fault"] for f in detected] == ["b"] and [f["fault"] for f in undetected] == ["a"]

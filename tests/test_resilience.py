@@ -156,3 +156,7 @@ def test_every_damaged_checkpoint_file_is_rejected(tmp_path):
         assert verify_checkpoint(folder) is not None, (name, trial)
         (folder / name).write_bytes(pristine[name])
     assert verify_checkpoint(folder) is None
+    manifest = json.loads(pristine["manifest.json"])
+    del manifest["manifest_sha256"]  # as written before manifests carried their own checksum
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_checkpoint(folder) is None

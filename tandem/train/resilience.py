@@ -24,7 +24,9 @@ The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
                       reject that checkpoint and resume from the one before)
       ckpt_bitflip    flip one bit in a file of the newest checkpoint, then SIGKILL
 
-  ROLE is `trainer` (default) or e.g. `rollout`: a process injects only its own role's faults.
+  ROLE is `trainer` (default) or a rollout worker, `rolloutR` for worker rank R (GRPO: ranks
+  rl.trainers and up). A process injects its own role's faults; a rollout worker's kill and hang
+  are delivered by the trainer that owns it (SIGKILL, SIGSTOP: see FaultInjector.strike).
   A fault fires ONCE per run folder: it is appended to runs/NAME/faults.jsonl (fsynced) before it
   acts, and a restarted process skips every fault found there, so kill@37 cannot loop forever.
   Simplification: a fault that fired in a stretch of steps later lost to a crash is not replayed
@@ -283,25 +285,27 @@ class FaultInjector:
         faults.mid_step(step)                               kill, device_error
         faults.corrupt_grads(step, models)                  nan:grad, inf:grad, spike, bitflip:grad
         save_checkpoint(..., before_commit=faults.before_commit(step))         kill:ckpt
+        faults.strike(step, {"rollout1": pid})              another role's kill, hang
 
     `models` are the replicas (a list of one model without replication); a data fault hits one of
-    them, chosen from the fault's seed. A rollout worker calls start_of_step and mid_step only.
+    them, chosen from the fault's seed.
     """
 
     def __init__(self, faults: Iterable[Fault], run_dir: Path, role: str = "trainer", seed: int = 0):
         self.path = Path(run_dir) / FAULTS_FILE
         self.role, self.seed = role, seed
-        self.pending = [f for f in faults if f.role == role]
         fired = {r.get("fault") for r in read_jsonl(self.path)}
-        self.pending = [f for f in self.pending if f.key not in fired]
+        self.pending = [f for f in faults if f.key not in fired]
 
     @classmethod
     def from_config(cls, r, steps: int, run_dir: Path, role: str = "trainer") -> "FaultInjector":
         return cls(configured_faults(r, steps), run_dir, role, r.fault_seed)
 
-    def _take(self, step: int, *kinds: str, at_or_after: bool = False) -> list[Fault]:
-        """Unfired faults of these "kind:target"s due at `step`, removed from the pending list."""
-        due = [f for f in self.pending if f"{f.kind}:{f.target}".rstrip(":") in kinds
+    def _take(self, step: int, *kinds: str, at_or_after: bool = False, roles: Iterable[str] | None = None) -> list[Fault]:
+        """Unfired faults of these "kind:target"s and roles (default: this process's role) due at
+        `step`, removed from the pending list."""
+        roles = {self.role} if roles is None else set(roles)
+        due = [f for f in self.pending if f"{f.kind}:{f.target}".rstrip(":") in kinds and f.role in roles
                and (f.step == step or (at_or_after and f.step <= step))]
         self.pending = [f for f in self.pending if f not in due]
         return due
@@ -343,8 +347,16 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
         return kill
 
+    def strike(self, step: int, pids: dict[str, int]) -> None:
+        """Other roles' kill and hang faults due at `step`, delivered from outside to their process
+        (role -> pid): SIGKILL for kill, SIGSTOP for hang (frozen, as a hung chip leaves a worker).
+        For processes without injection points of their own, such as GRPO's rollout workers."""
+        for fault in self._take(step, "kill", "hang", roles=pids):
+            self._fire(fault, step, pid=pids[fault.role])
+            os.kill(pids[fault.role], signal.SIGKILL if fault.kind == "kill" else signal.SIGSTOP)
+
     def corrupt_loss(self, step: int, loss: torch.Tensor, replica: int = 0, replicas: int = 1) -> torch.Tensor:
-        for fault in [f for f in self.pending if f.step == step and f.target == "loss"]:
+        for fault in [f for f in self.pending if f.step == step and f.target == "loss" and f.role == self.role]:
             if self._rng(fault).randrange(replicas) == replica:
                 self._take(step, f"{fault.kind}:loss")
                 self._fire(fault, step, replica=replica)
