@@ -58,14 +58,16 @@ def test_no_vendor_device_names_in_portability_code():
 
 
 def test_vllm_rejects_a_head_dim_its_attention_cannot_run(tmp_path, capsys):
-    folder = _hf_like(tmp_path)   # head_dim 8
+    folder = _hf_like(tmp_path, hidden_size=80)   # head_dim 20: not a multiple of 8
     result = run_tandem("preflight", "--model", folder, "--target", "vllm", "--json", capsys=capsys)
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     assert not report["ok"] and report["dtype"] == "bf16" and report["arch"] == "LlamaForCausalLM"
-    head = next(c for c in report["checks"] if c["check"] == "head_dim_in")
-    assert head["status"] == "fail" and "not 8" in head["message"] and "FLEX_ATTENTION" in head["message"]
+    head = next(c for c in report["checks"] if c["check"] == "head_dim_multiple_of")
+    assert head["status"] == "fail" and "head_dim is 20" in head["message"] and "FLEX_ATTENTION" in head["message"]
     assert "flash_attn.py" in head["source"]
+    old = next(c for c in report["checks"] if c["check"] == "head_dim_in")
+    assert old["status"] == "warn"   # older vLLM: a fixed list of head sizes
     text = run_tandem("preflight", "--model", folder, "--target", "vllm", capsys=capsys)
     assert text.returncode == 1 and "problem" in text.stdout and "source:" in text.stdout
 
