@@ -342,6 +342,18 @@ def test_models_health_and_web_page(memo):
     assert httpx.get(memo.url + "/static/app.js").status_code == 200
 
 
+def test_metrics_are_prometheus_text(memo):
+    memo.client().chat.completions.create(model="memo", messages=MESSAGES, temperature=0)
+    text = httpx.get(memo.url + "/metrics").text
+    for name in ("tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds"):
+        buckets = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "_bucket")]
+        count = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "_count"))
+        assert buckets == sorted(buckets) and buckets[-1] == count > 0        # cumulative, +Inf = count
+    m = memo.metrics()
+    assert m["tandem_generation_tokens_total"] > 0 and m["tandem_prompt_tokens_total"] > 0
+    assert 'tandem_http_responses_total{path="/v1/chat/completions",status="200"}' in text
+
+
 # -----------------------------------------------------------------------------------------------
 # Errors
 

@@ -46,6 +46,8 @@ unknown fields are ignored. One model per server.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 import logging
 import queue
@@ -72,6 +74,7 @@ from tandem.reasoning import REASONING_TAGS, THINK_CLOSE, THINK_OPEN
 log = logging.getLogger("tandem.serve")
 WEB = Path(__file__).resolve().parent / "web"
 MAX_STOPS = 16
+_ID_PREFIX, _ids = uuid.uuid4().hex[:16], itertools.count()    # response ids: unique per server, cheap
 
 
 # -----------------------------------------------------------------------------------------------
@@ -221,7 +224,7 @@ class TextStream:
             if hits:
                 self.text, self.stopped = self.text[:min(hits)], True
         end = len(self.text)
-        if not final and not self.stopped:
+        if self.stops and not final and not self.stopped:
             end -= _held(self.text, self.stops)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
@@ -231,10 +234,12 @@ def _held(text: str, words) -> int:
     """Length of the longest end of `text` that is a proper prefix of one of `words`."""
     best = 0
     for word in words:
-        for k in range(min(len(word) - 1, len(text)), best, -1):
-            if text.endswith(word[:k]):
-                best = k
+        i = text.find(word[0], max(0, len(text) - len(word) + 1))
+        while i >= 0 and len(text) - i > best:
+            if word.startswith(text[i:]):
+                best = len(text) - i
                 break
+            i = text.find(word[0], i + 1)
     return best
 
 
@@ -255,7 +260,7 @@ class ReasoningSplitter:
         """(reasoning, content) released by this text."""
         out = {True: "", False: ""}
         self.buf += text
-        while True:
+        while "<" in self.buf:                                   # every tag starts with "<"
             found = [(i, tag) for tag in REASONING_TAGS if (i := self.buf.find(tag)) >= 0]
             if not found:
                 break
@@ -267,7 +272,7 @@ class ReasoningSplitter:
             out[self.thinking] += self._segment(self.buf, end=True)
             self.buf = ""
         else:
-            keep = len(self.buf) - _held(self.buf, REASONING_TAGS)
+            keep = len(self.buf) - (_held(self.buf, REASONING_TAGS) if "<" in self.buf else 0)
             body = self.buf[:keep]
             ready = len(body.rstrip())
             out[self.thinking] += self._segment(body[:ready], end=False)
@@ -457,19 +462,18 @@ def _as_api_error(exc: Exception) -> APIError:
 class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
         self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * len(buckets)
+        self.counts = [0] * (len(buckets) + 1)        # per bucket, not cumulative; the last is +Inf
         self.count, self.sum = 0, 0.0
 
     def observe(self, value: float) -> None:
         self.count += 1
         self.sum += value
-        for i, edge in enumerate(self.buckets):
-            if value <= edge:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
 
     def render(self) -> str:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{edge}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
+        cumulative = itertools.accumulate(self.counts)
+        lines += [f'{self.name}_bucket{{le="{edge}"}} {n}' for edge, n in zip(self.buckets, cumulative)]
         lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
                   f"{self.name}_count {self.count}"]
         return "\n".join(lines)
@@ -866,7 +870,7 @@ class Run:
                            headers={"retry-after": "1"})
         self.state, self.engine_loop, self.stops, self.chat = state, engine_loop, stops, chat
         self.t0 = time.perf_counter()
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{_ID_PREFIX}{next(_ids):08x}"
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.events: asyncio.Queue = asyncio.Queue()
