@@ -21,9 +21,10 @@ before it. Scoring the reference's tokens on both sides keeps positions aligned 
 paths split, which is what makes per-token comparisons meaningful (the KL is the quantity RL
 importance ratios are sensitive to; greedy match and accuracy are what a user sees).
 
-Thresholds. Each metric has a limit; defaults come from the lower-precision side of the pair
-(PROFILES: fp32 < fp16 < bf16 < q8_0), tight for fp32 vs fp32, looser for bf16, and may be
-overridden per metric. Measured on tandem's tiny models (BENCHMARKS.md), they leave about an
+Thresholds. Each metric has a limit; defaults come from the lowest precision on either path
+(PROFILES: fp32 < fp16 < bf16 < q8_0; each backend's compute dtype and the stored weights, so a
+bf16 export run by transformers in fp32 still gets bf16 limits), tight for fp32 vs fp32, looser
+for bf16, and may be overridden per metric. Measured on tandem's tiny models (BENCHMARKS.md), they leave about an
 order of magnitude of headroom over honest rounding noise while a single perturbed weight in an
 fp32 export fails. The command exits 0 on pass and 1 on fail; --json prints the report. When
 --model is a run folder the report is also recorded in summary.json ("parity", keyed by pair) and
@@ -67,10 +68,26 @@ class ParityError(TandemError):
     """Bad parity arguments (unknown metric, bad threshold value, bad task...)."""
 
 
-def default_thresholds(ref, target) -> tuple[str, dict]:
-    """(profile name, thresholds) for a pair of BackendSpecs: the lower precision's profile."""
-    profile = max(ref.precision, target.precision, key=PRECISION_ORDER.index)
+def default_thresholds(ref, target, stored: tuple = ()) -> tuple[str, dict]:
+    """(profile name, thresholds) for a pair of BackendSpecs: the profile of the lowest precision
+    on either path, counting the compute dtypes and `stored` weight precisions (a bf16 export run
+    in fp32 still carries bf16 rounding)."""
+    precisions = [ref.precision, target.precision] + [p for p in stored if p in PRECISION_ORDER]
+    profile = max(precisions, key=PRECISION_ORDER.index)
     return profile, dict(PROFILES[profile])
+
+
+def stored_precision(path) -> str | None:
+    """Precision of the weights at `path` (run, HF folder or GGUF), None when unknown."""
+    path = Path(path)
+    try:
+        from tandem.export.gguf import is_gguf, read_gguf_metadata
+        if is_gguf(path) and not (path / "config.json").is_file():
+            return {0: "fp32", 1: "fp16", 7: "q8_0"}.get(read_gguf_metadata(path).get("general.file_type"))
+        from tandem.preflight import model_facts
+        return model_facts(path)["stored_dtype"]
+    except Exception:  # unreadable here: opening the backend reports the real problem
+        return None
 
 
 def parse_thresholds(items: list[str] | dict | None) -> dict:
@@ -249,7 +266,8 @@ def run_parity(model, ref, target, target_model=None, task: str | None = None, n
     if not isinstance(n, int) or n < 1:
         raise ParityError(f"--n must be an integer >= 1, got {n!r}")
     ref_spec, target_spec = parse_backend(ref), parse_backend(target)
-    profile, limits = default_thresholds(ref_spec, target_spec)
+    stored = (stored_precision(model), stored_precision(target_model or model))
+    profile, limits = default_thresholds(ref_spec, target_spec, stored)
     limits.update(parse_thresholds(thresholds))
     task_obj = resolve_task(model, task)
     examples = task_obj.test_set(n)

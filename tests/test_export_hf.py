@@ -108,8 +108,11 @@ def test_inspect_of_export_shows_the_runs_fingerprint(smoke_run):
 def test_sharded_bf16_export_via_cli(smoke_run, tmp_path):
     out = tmp_path / "sharded"
     result = run_tandem("export", "--model", smoke_run, "--format", "hf", "--out", out,
-                        "--max-shard-size", "20KB", "--dtype", "bf16", "--json")
+                        "--max-shard-size", "20KB", "--dtype", "bf16", "--json",
+                        "--gate", "torch:cpu:fp32", "--n", "3")
     assert result.returncode == 0, result.stderr
+    gate = json.loads(result.stdout)["gate"]
+    assert gate["passed"] and gate["thresholds"]["kl_mean"] == 0.01   # bf16 weights: bf16 limits
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((out / s).is_file() for s in shards)
