@@ -6,8 +6,9 @@
 
 Targets: tandem's own engine on each kind of device accel.py knows, llamacpp, vllm, vllm-ascend and
 mindie (the table's section names; `--target nope` lists them). Each one's documented support
-(architectures, dtypes, head sizes, alignment rules), with the source of every entry, lives in tandem/preflight_targets.toml: data, not code, so a stale constraint is a
-one-line fix next to its citation. The checks run on the model's config alone (no weights are
+(architectures, dtypes, head sizes, alignment rules), with the source of every entry, lives in
+tandem/preflight_targets.toml: data, not code, so a stale constraint is a one-line fix next to its
+citation. The checks run on the model's config alone (no weights are
 loaded), then, where the target's hardware is present on this machine, the dtype is probed on the
 device (accel.py) and the installed software versions are read; where it is absent those checks
 say "skip" rather than guess.
