@@ -335,13 +335,19 @@ class TokenInfo:
 
 class Job:
     """One sequence (one choice of one HTTP request), shared by the event loop and the engine thread."""
-    __slots__ = ("prompt", "params", "index", "events", "loop", "rid", "done")
+    __slots__ = ("prompt", "params", "index", "events", "loop", "state", "rid", "done")
 
-    def __init__(self, prompt, params, index, events, loop):
+    def __init__(self, prompt, params, index, events, loop, state):
         self.prompt, self.params, self.index = prompt, params, index
-        self.events, self.loop = events, loop
+        self.events, self.loop, self.state = events, loop, state
         self.rid: int | None = None      # the engine's request id (engine thread only)
         self.done = False                # finished, failed or cancelled (event loop only)
+
+    def release(self) -> None:
+        """Give back its admission slot, once (event loop only)."""
+        if not self.done:
+            self.done = True
+            self.state.inflight -= 1
 
 
 class EngineLoop:
@@ -442,9 +448,14 @@ class EngineLoop:
 
 
 def _put_events(items) -> None:
+    """Queue each event for its request; a sequence's last event also frees its admission slot
+    here, so the count stays right even if no handler ever reads the queue (a stream whose
+    client left before its first byte)."""
     for job, event in items:
         if not job.done:
             job.events.put_nowait((job.index, event))
+            if isinstance(event, APIError) or event[0].finished:
+                job.release()
 
 
 def _as_api_error(exc: Exception) -> APIError:
@@ -883,7 +894,7 @@ class Run:
             for i in range(n):
                 seeded = p if p.seed is None or i == 0 else \
                     SamplingParams(**{**p.__dict__, "seed": (p.seed + i) % 2**63})
-                job = Job(prompt, seeded, len(self.choices), self.events, loop)
+                job = Job(prompt, seeded, len(self.choices), self.events, loop, state)
                 self.choices.append(Choice(self, len(self.choices), job))
         state.inflight += total
         state.metrics.counters["prompt_tokens_total"] += self.prompt_tokens
@@ -892,16 +903,11 @@ class Run:
 
     # --- the event stream ----------------------------------------------------------------------
 
-    def _release(self, choice: Choice) -> None:
-        if not choice.job.done:
-            choice.job.done = True
-            self.state.inflight -= 1
-
     def cancel(self) -> None:
         """Stop every unfinished sequence now (client gone, error, or end of request)."""
         for choice in self.choices:
             if not choice.job.done:
-                self._release(choice)
+                choice.job.release()
                 self.engine_loop.cancel(choice.job)
                 self.state.metrics.counters["requests_cancelled_total"] += 1
 
@@ -923,14 +929,14 @@ class Run:
         if choice.finish_reason is not None:          # a token queued before a stop string ended it
             return None
         if isinstance(event, APIError):
-            self._release(choice)
+            choice.job.release()
             raise event
         out, now = event
         reasoning, content = choice.on_token(out, now)
         if choice.finish_reason is not None:
             if not out.finished:                      # ended by a stop string: free its slot now
                 self.engine_loop.cancel(choice.job)
-            self._release(choice)
+            choice.job.release()
         return choice, reasoning, content
 
     async def _watch(self, request: Request) -> None:
