@@ -103,6 +103,75 @@ def test_qk_permutation_turns_rotate_half_into_adjacent_pair_rope():
     assert torch.allclose(rot, hf @ per_head_perm.T, atol=1e-12)
 
 
+def _ggml_semantics_forward(path, ids: list[int]) -> torch.Tensor:
+    """Logits computed from the GGUF file alone, the way llama.cpp's graphs read it: hyper-
+    parameters from the metadata, raw (permuted) tensors by GGUF name, rope in llama.cpp's mode
+    for the architecture (llama: NORM, adjacent pairs (2i, 2i+1); qwen2: NEOX, pairs (i, i+d/2)),
+    a missing output.weight meaning "use token_embd"."""
+    reader = gguf.GGUFReader(str(path))
+    from tandem.export.gguf import _field_value
+    meta = {k: _field_value(f) for k, f in reader.fields.items()}
+    arch = meta["general.architecture"]
+    t = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        t[tensor.name] = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type)).reshape(shape).double()
+    H, KV = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    eps, base = meta[f"{arch}.attention.layer_norm_rms_epsilon"], meta[f"{arch}.rope.freq_base"]
+    hd = meta[f"{arch}.rope.dimension_count"]
+    T = len(ids)
+    inv = base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)           # [T, hd/2]
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(x):                                                            # x: [heads, T, hd]
+        if arch == "llama":                                                 # NORM: adjacent pairs
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+        a, b = x[..., : hd // 2], x[..., hd // 2:]                          # NEOX: halves
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    x = t["token_embd.weight"][ids]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(meta[f"{arch}.block_count"]):
+        p = f"blk.{i}."
+        h = norm(x, t[p + "attn_norm.weight"])
+        q = rope(lin(h, p + "attn_q").view(T, H, hd).transpose(0, 1))
+        k = rope(lin(h, p + "attn_k").view(T, KV, hd).transpose(0, 1)).repeat_interleave(H // KV, 0)
+        v = lin(h, p + "attn_v").view(T, KV, hd).transpose(0, 1).repeat_interleave(H // KV, 0)
+        att = ((q @ k.transpose(1, 2)) / hd ** 0.5 + mask).softmax(-1) @ v
+        x = x + lin(att.transpose(0, 1).reshape(T, H * hd), p + "attn_output")
+        h = norm(x, t[p + "ffn_norm.weight"])
+        x = x + lin(torch.nn.functional.silu(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
+    x = norm(x, t["output_norm.weight"])
+    return x @ t.get("output.weight", t["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("arch,tied,out_type,tol", [("llama", True, "f32", 1e-4), ("qwen2", False, "f32", 1e-4),
+                                                     ("llama", False, "f16", 0.05), ("qwen2", True, "q8_0", 0.2)])
+def test_the_file_alone_computes_our_logits_under_llama_cpp_semantics(tmp_path, tok, arch, tied, out_type, tol):
+    from tandem.export.gguf import write_gguf
+    config, state = _model(tok, arch, tied)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    write_gguf(config, model.checkpoint_state(), tok, tmp_path / "m.gguf", out_type)
+    ids = tok.encode_prompt([{"role": "user", "content": "What is 12 + 7?"}])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double()
+    theirs = _ggml_semantics_forward(tmp_path / "m.gguf", ids)
+    assert (theirs - ours).abs().max() < tol * max(1.0, ours.abs().max().item())
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1)) or out_type != "f32"
+
+
 def test_gpt2_pretokenizer_gives_our_tokens_on_our_data():
     """tokenizer.ggml.pre = "gpt-2" is GPT-2's regex alone; ours splits digits first. Same tokens on
     the task corpus and chat prompts; the documented exception (a whitespace run right before a

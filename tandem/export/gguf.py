@@ -37,6 +37,11 @@ ours keeps the run whole, so the tokens differ when the vocab has a merge for th
 tests/test_gguf.py checks equality on the task corpus and chat prompts and pins the exception;
 `tandem parity` reports the prompt-token match rate (threshold 1.0) so an affected dataset fails
 loudly instead of quietly.
+
+Verification without llama.cpp: tests/test_gguf.py recomputes the logits from the GGUF file alone
+(metadata for the shapes and constants, tensors by GGUF name, llama.cpp's rope mode per
+architecture, token_embd standing in for a missing output) and matches our model to 1e-4 in f32;
+with llama-cpp-python installed, `tandem parity --target llamacpp:f32` compares the real thing.
 """
 
 from __future__ import annotations
