@@ -237,6 +237,10 @@ def test_export_refusals_are_one_line_and_leave_nothing(smoke_run, tmp_path):
     result = run_tandem("export", "--model", empty_run, "--out", tmp_path / "x")
     assert result.returncode == 2 and "no committed checkpoint" in result.stderr
 
+    for target in (smoke_run, smoke_run.parent):   # --force must never replace the source
+        result = run_tandem("export", "--model", smoke_run, "--out", target, "--force")
+        assert result.returncode == 2 and "contains it" in result.stderr
+    assert (smoke_run / "config.json").is_file()
     result = run_tandem("export", "--model", smoke_run, "--out", out, "--force")
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()

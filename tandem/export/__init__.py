@@ -113,6 +113,9 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
     out = check_out(out, force)
+    source, target_dir = Path(model).resolve(), out.resolve()
+    if target_dir == source or target_dir in source.parents:
+        raise ModelError(f"--out {out} is the model folder or contains it; export somewhere else")
     if gate:  # fail on a bad spec or a missing backend before any work is done
         from tandem.infer.backends import check_installed, parse_backend
         check_installed(parse_backend(gate))
