@@ -69,6 +69,8 @@ class RLConfig:
     prompts_per_step: int = 8      # distinct prompts per batch
     group_size: int = 8            # G: samples per prompt; advantages are relative within a group (>= 2)
     tasks: list = field(default_factory=list)  # tasks whose prompts RL trains on ([] = data.tasks)
+    system_prompt: str = ""        # a system turn before every RL prompt (e.g. the answer format for an
+                                   # instruct model that never saw <think>/<answer>); "" = none
     correctness_weight: float = 1.0  # reward = correctness_weight * correct + format_weight * format_ok
     format_weight: float = 0.1
     temperature: float = 1.0       # rollout sampling temperature (> 0)
@@ -306,7 +308,8 @@ def _validate_rl(cfg: Config) -> None:
     _check(r.loss_norm in ("grpo", "dapo", "dr_grpo"), "rl.loss_norm", "grpo, dapo, dr_grpo", r.loss_norm)
     _check(r.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards", "group, batch, none", r.scale_rewards)
     _check(r.threads >= 0 and w.threads >= 0, "rl.threads / rollout.threads", ">= 0", (r.threads, w.threads))
-    _check(r.trainers >= 1, "rl.trainers", ">= 1", r.trainers)
+    _check(1 <= r.trainers <= r.prompts_per_step * r.group_size, "rl.trainers",
+           ">= 1 and at most one trainer per sequence of a batch", r.trainers)
     _check(r.checkpoint_every >= 1, "rl.checkpoint_every", ">= 1", r.checkpoint_every)
     _check(r.keep_checkpoints >= 1, "rl.keep_checkpoints", ">= 1", r.keep_checkpoints)
     _check(r.log_every >= 1, "rl.log_every", ">= 1", r.log_every)

@@ -155,3 +155,46 @@ def test_missing_rollout_device_from_the_real_command(tmp_path, init_model):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "rollout.device = 'npu' (rollout role): device 'npu' is not available" in lines[0]
     assert not (tmp_path / "rl").exists()
+
+
+def test_two_data_parallel_trainers_match_one(tmp_path):
+    """torchrun with rl.trainers = 2 (gloo on the cpu) + 1 rollout worker takes the same steps as one
+    trainer: each trainer computes half the sequences and the gradients are summed. A coin-flip
+    JSONL task makes rewards vary from the first step, so the gradients are not zero."""
+    import random
+    import socket
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from tandem.pipeline import build_tasks, ensure_tokenizer
+    from tandem.train.checkpoint import load_checkpoint
+    from tandem.train.grpo import train_grpo
+    from tandem.train.sft import train_sft
+    rng = random.Random(0)
+    data = tmp_path / "coin.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Pick a or b ({i})", "answer": rng.choice("ab")}) + "\n"
+                            for i in range(60)))
+    common = [f'data.tasks=["{data}"]', "run.threads=1", "rollout.threads=1", "rl.mode=sync", "rl.lr=0.001",
+              "rl.max_new_tokens=16", "rl.steps=3"]
+    sft_cfg = load_config(preset="smoke", overrides=common + ["sft.steps=60", "sft.lr=0.01"])
+    init = prepare_run(tmp_path / "sft", sft_cfg)
+    tasks = build_tasks(sft_cfg)
+    train_sft(sft_cfg, init, ensure_tokenizer(sft_cfg, init, tasks), tasks, progress=False)
+
+    one = load_config(preset="smoke", overrides=common)
+    train_grpo(one, prepare_run(tmp_path / "one", one), init, progress=False)
+    with socket.socket() as probe:                                              # a free port for the job's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
+                             "--master-port", str(port), "-m", "tandem.cli", "rl", "--init", str(init), "--out",
+                             str(tmp_path / "two"), "--preset", "smoke", "--quiet", "--set", "rl.trainers=2",
+                             *sum((["--set", o] for o in common), [])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stderr[-2000:]
+    a, b = (read_metrics(tmp_path / run, "rl") for run in ("one", "two"))
+    assert [m["step"] for m in b] == [1, 2, 3] and a[0]["reward"] == b[0]["reward"]
+    wa, wb = (load_checkpoint(latest_valid(tmp_path / run / "checkpoints" / "rl"))["model"] for run in ("one", "two"))
+    start = load_checkpoint(latest_valid(init / "checkpoints" / "sft"))["model"]
+    assert weights_fingerprint(wa) != weights_fingerprint(start)                # the gradients were not zero
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4        # same steps, up to summation order

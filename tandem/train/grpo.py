@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tandem import accel
 from tandem.config import Config
@@ -87,6 +88,7 @@ from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
 from tandem.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from tandem.train.resilience import FaultInjector, Heartbeat, Incidents
 from tandem.train.sft import build_optimizer, example_for, lr_at
 
 # -----------------------------------------------------------------------------------------------
@@ -276,12 +278,13 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     Returns the figures the summary records. stop_after: return right after step `stop_after` is
     done and checkpointed, as if interrupted there (tests of exact resume use it).
     """
-    from tandem.train.rollout import start_rollouts
+    from tandem.train.rollout import join_trainers, start_rollouts
 
     r = cfg.rl
     run_dir = Path(run_dir)
     accel.set_threads(r.threads or cfg.run.threads)
-    device = accel.resolve_device(cfg.device_for("rl"))
+    group, device = join_trainers(cfg)            # group: None for a single trainer
+    leader = group is None or dist.get_rank(group) == 0
     amp_dtype = accel.resolve_dtype(r.dtype, device)
     ckpt_root = run_dir / "checkpoints" / "rl"
     latest = latest_valid(ckpt_root)
@@ -302,7 +305,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     optimizer = build_optimizer(model, r)
 
     tokenizer_dir = run_dir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
+    if leader and not (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer.save(tokenizer_dir)
     tasks = rl_tasks(cfg)
 
@@ -312,11 +315,19 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
         optimizer.load_state_dict(resumed["optimizer"])
         accel.set_rng_state(resumed["train_state"]["rng"])
         start = resumed["train_state"]["step"]
-        truncate_metrics(run_dir, "rl", start)
-        log(f"resuming GRPO from {latest} (step {start})")
+        if leader:
+            truncate_metrics(run_dir, "rl", start)
+            log(f"resuming GRPO from {latest} (step {start})")
     else:
         accel.manual_seed(cfg.run.seed)
-        log(f"GRPO from {init_path} ({init_info.get('kind')}, fingerprint {init_fingerprint[:12]})")
+        if leader:
+            log(f"GRPO from {init_path} ({init_info.get('kind')}, fingerprint {init_fingerprint[:12]})")
+
+    # Unstable hardware (train/resilience.py): a heartbeat per step for the supervisor, injected
+    # faults (the trainer's own, and rollout workers' kills and hangs delivered to their processes),
+    # and the rollout faults the worker pool handled, logged as incidents.
+    faults, heartbeat, incidents = (FaultInjector.from_config(cfg.resilience, r.steps, run_dir),
+                                    Heartbeat(run_dir), Incidents(run_dir))
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_root, step, model.checkpoint_state(),
@@ -325,7 +336,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                         optimizer.state_dict(),
                         extra_files={"model_config.json": json.dumps(model_config.to_dict()).encode(),
                                      **{n: tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}},
-                        keep=r.keep_checkpoints)
+                        keep=r.keep_checkpoints, before_commit=faults.before_commit(step))
 
     # The prompts of step k: prompts_per_step examples of the RL tasks, round-robin, from position
     # k * prompts_per_step of the train stream (so the data position is the step).
@@ -334,7 +345,8 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
         for j in range(r.prompts_per_step):
             index = step * r.prompts_per_step + j
             task, example = tasks[index % len(tasks)], example_for(tasks, index)
-            ids = tokenizer.encode_prompt([{"role": "user", "content": example.prompt}])
+            system = [{"role": "system", "content": r.system_prompt}] if r.system_prompt else []
+            ids = tokenizer.encode_prompt(system + [{"role": "user", "content": example.prompt}])
             if len(ids) > r.max_prompt_len:
                 raise DataError(f"a {task.name} prompt has {len(ids)} tokens, more than rl.max_prompt_len "
                                 f"({r.max_prompt_len}); raise rl.max_prompt_len")
@@ -350,102 +362,112 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     ledger = Ledger.from_dict(summary.get("ledger"))
     totals = dict.fromkeys(("samples", "seconds", "update_seconds", "wait_seconds", "sync_seconds",
                             "sync_bytes", "push_bytes", "reward_errors"), 0)
-    faults: dict[str, int] = {}
+    prior_faults: dict[str, int] = {}
     if resumed:  # figures of the interrupted attempt, as of the checkpoint we resume from
         totals.update({k: v for k, v in summary.get("rl_totals", {}).items() if k in totals})
-        faults = dict(summary.get("rl_totals", {}).get("worker_faults", {}))
+        prior_faults = dict(summary.get("rl_totals", {}).get("worker_faults", {}))
+
+    def worker_faults() -> dict[str, int]:
+        counts = rollouts.fault_counts() if rollouts is not None else {}
+        return {k: prior_faults.get(k, 0) + counts.get(k, 0) for k in set(prior_faults) | set(counts)}
 
     def save_totals() -> None:
-        merged = {k: faults.get(k, 0) + v for k, v in rollouts.fault_counts().items()}
-        update_summary(run_dir, ledger=ledger.to_dict(), rl_totals=dict(totals, worker_faults=merged or faults))
+        update_summary(run_dir, ledger=ledger.to_dict(), rl_totals=dict(totals, worker_faults=worker_faults()))
 
     trainer_kind, flops_fwd = accel.device_kind(device), model_config.flops_per_token()
     reported: set[str] = set()
+    rollouts = None
+
+    def rl_summary() -> dict:  # what summary.json records under "rl"
+        return {"steps": r.steps, "resumed_from": start, "mode": r.mode, "device": str(device),
+                "device_kind": trainer_kind, "dtype": r.dtype,
+                "rollout": rollouts.describe() if rollouts is not None else {}, "init": str(init_path),
+                "init_fingerprint": init_fingerprint, **totals,
+                "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
+                "worker_faults": worker_faults(), "parameters": model_config.num_parameters()}
+
     if start == r.steps:  # nothing left to train (rl.steps = 0, or a rerun of a finished run)
-        if latest is None:
+        if latest is None and leader:
             checkpoint(r.steps)
-        return _stats(cfg, start, device, init_path, init_fingerprint, totals, faults, {}, model_config)
-    rollouts = start_rollouts(cfg, model_config, tokenizer, run_dir, device)
-    bar = Progress(r.steps, "rl", start=start, every=r.log_every, enabled=progress)
+        return rl_summary()
+    if leader:
+        rollouts = start_rollouts(cfg, model_config, tokenizer, run_dir, device)
+    bar = Progress(r.steps, "rl", start=start, every=r.log_every, enabled=progress and leader)
     try:
-        sync = rollouts.publish(start, model.checkpoint_state())
-        ledger.add("weight_sync", trainer_kind, sync["seconds"])
-        totals["push_bytes"] = sync["bytes"]      # the same every push: one model in the rollout dtype
-        pending = submit(start, start)
+        if leader:
+            sync = rollouts.publish(start, model.checkpoint_state())
+            ledger.add("weight_sync", trainer_kind, sync["seconds"])
+            totals["push_bytes"] = sync["bytes"]      # the same every push: one model in the rollout dtype
+            pending = submit(start, start)
         for step in range(start, r.steps):
             t_step = time.perf_counter()
-            following = None
-            if r.mode == "async" and step + 1 < r.steps:  # batch k+1 is generated with weights k
-                following = submit(step + 1, step)
-            t_wait = time.perf_counter()
-            result = rollouts.collect(pending)
-            wait_seconds = time.perf_counter() - t_wait
+            shared = None
+            if leader:
+                heartbeat.beat(step)
+                faults.start_of_step(step, checkpoints=ckpt_root)
+                faults.strike(step, rollouts.pids())
+                following = None
+                if r.mode == "async" and step + 1 < r.steps:  # batch k+1 is generated with weights k
+                    following = submit(step + 1, step)
+                t_wait = time.perf_counter()
+                result = rollouts.collect(pending)
+                wait_seconds = time.perf_counter() - t_wait
+                if result.faults:
+                    incidents.record("worker_fault", step, f"{result.faults} rollout worker fault(s) handled")
 
-            # Rewards and group-relative advantages (on the host).
-            G, picked = r.group_size, prompts_for(step)
-            rewards, correct, formatted, step_errors = [], 0, 0, 0
-            for i, sample in enumerate(result.samples):
-                task, example, _ = picked[i // G]
-                text = tokenizer.decode([t for t in sample["tokens"] if t != tokenizer.eos_id])
-                scored, error = safe_reward(task, text, example, r.correctness_weight, r.format_weight)
-                if error:
-                    step_errors += 1
-                    if task.name not in reported:  # log the first failure of each task's reward
-                        reported.add(task.name)
-                        log(f"warning: a reward function raised, the sample scores 0 (counted): {error}")
-                rewards.append(scored.reward)
-                correct += scored.correct
-                formatted += scored.format_ok
-            reward_t = torch.tensor(rewards)
-            advantages = group_advantages(reward_t, G, r.scale_rewards)
-            n_seq = len(result.samples)
-            batch = build_batch([picked[i // G][2] for i in range(n_seq)], [s["tokens"] for s in result.samples],
-                                [s["logprobs"] for s in result.samples], advantages, r.loss_norm,
-                                r.max_new_tokens, tokenizer.pad_id, device)
+                # Rewards and group-relative advantages (on the host).
+                G, picked = r.group_size, prompts_for(step)
+                rewards, correct, formatted, step_errors = [], 0, 0, 0
+                for i, sample in enumerate(result.samples):
+                    task, example, _ = picked[i // G]
+                    text = tokenizer.decode([t for t in sample["tokens"] if t != tokenizer.eos_id])
+                    scored, error = safe_reward(task, text, example, r.correctness_weight, r.format_weight)
+                    if error:
+                        step_errors += 1
+                        if task.name not in reported:  # log the first failure of each task's reward
+                            reported.add(task.name)
+                            log(f"warning: a reward function raised, the sample scores 0 (counted): {error}")
+                    rewards.append(scored.reward)
+                    correct += scored.correct
+                    formatted += scored.format_ok
+                reward_t = torch.tensor(rewards)
+                shared = ([picked[i // G][2] for i in range(len(rewards))], [s["tokens"] for s in result.samples],
+                          [s["logprobs"] for s in result.samples], group_advantages(reward_t, G, r.scale_rewards))
+            if group is not None:  # the leader's batch, to every trainer
+                box = [shared]
+                dist.broadcast_object_list(box, src=0, group=group, device=device)
+                shared = box[0]
+            prompts, completions, logprobs, advantages = shared
+            batch = build_batch(prompts, completions, logprobs, advantages, r.loss_norm, r.max_new_tokens,
+                                tokenizer.pad_id, device)
 
-            # Policy update: mu optimizer steps on the batch, in micro-batches.
+            # Policy update: mu optimizer steps; with several trainers each takes a slice of the sequences.
             t_update = accel.timer(device)
             lr = lr_at(step, r.lr, r.warmup_steps, r.steps, 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = r.micro_batch_size or n_seq
-            subs = [batch.select(list(range(i, min(i + micro, n_seq)))) for i in range(0, n_seq, micro)]
-            old, ref = [], []
-            stats = dict.fromkeys(("loss", "clip_frac", "kl_ref", "tis_mean", "tis_capped"), 0.0)
-            for update in range(r.updates_per_batch):
-                last = update == r.updates_per_batch - 1
-                for c, sub in enumerate(subs):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                        logp = token_logprobs(model, sub)
-                        if update == 0:  # the policy before this batch's updates is logp_old
-                            old.append(logp.detach())
-                            if reference is not None:
-                                with torch.no_grad():
-                                    ref.append(token_logprobs(reference, sub))
-                    terms = grpo_loss(logp, old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
-                                      sub.logp_rollout, r.tis_cap, ref[c] if ref else None, r.kl_coef)
-                    terms.loss.backward()
-                    if last:  # report the last update; per-token stats weighted by tokens
-                        share = logp.numel() / max(1, batch.logp_rollout.numel())
-                        stats["loss"] += float(terms.loss.detach())
-                        for key in ("clip_frac", "kl_ref", "tis_mean", "tis_capped"):
-                            stats[key] += getattr(terms, key) * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           r.grad_clip if r.grad_clip > 0 else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            n_seq = len(completions)
+            rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+            rows = list(range(rank * n_seq // world, (rank + 1) * n_seq // world))
+            stats, old, grad_norm = policy_update(model, reference, optimizer, batch, rows, r, amp_dtype, group,
+                                                  before_step=lambda: faults.mid_step(step) if leader else None)
             update_seconds = accel.timer(device) - t_update
-            gap = mismatch(torch.cat(old).float().cpu(), batch.logp_rollout.cpu())
+            done = step + 1
+            if not leader:
+                if done == stop_after:
+                    break
+                continue
+            gap = mismatch(old.float().cpu(), batch.logp_rollout.cpu())
 
-            sync = rollouts.publish(step + 1, model.checkpoint_state())
-            if following is None and step + 1 < r.steps:  # sync: batch k+1 with weights k+1
-                following = submit(step + 1, step + 1)
+            sync = rollouts.publish(done, model.checkpoint_state())
+            if following is None and done < r.steps:  # sync: batch k+1 with weights k+1
+                following = submit(done, done)
             pending = following
             step_seconds = time.perf_counter() - t_step
 
             # Bookkeeping: ledger, totals, metrics, checkpoint.
             update_tokens = batch.tokens * r.updates_per_batch
-            ledger.add("policy_update", trainer_kind, update_seconds, update_tokens,
+            ledger.add("policy_update", trainer_kind, update_seconds * world, update_tokens,
                        estimate_train_flops(model_config, update_tokens)
                        + (flops_fwd * batch.tokens if reference is not None else 0))
             ledger.add("weight_sync", trainer_kind, sync["seconds"])
@@ -457,12 +479,11 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                                ("wait_seconds", wait_seconds), ("sync_seconds", sync["seconds"]),
                                ("sync_bytes", sync["bytes"]), ("reward_errors", step_errors)):
                 totals[key] += value
-            done = step + 1
             if done % r.log_every == 0 or done == r.steps:
                 append_metrics(run_dir, {
                     "phase": "rl", "step": done, "reward": float(reward_t.mean()), "accuracy": correct / n_seq,
                     "format_rate": formatted / n_seq, "response_length": sum(batch.lengths) / n_seq, "lr": lr,
-                    "grad_norm": float(grad_norm), **stats, **gap, "samples_per_s": n_seq / step_seconds,
+                    "grad_norm": grad_norm, **stats, **gap, "samples_per_s": n_seq / step_seconds,
                     "step_seconds": step_seconds, "update_seconds": update_seconds, "wait_seconds": wait_seconds,
                     "sync_seconds": sync["seconds"], "sync_bytes": sync["bytes"], "weights_version": result.version,
                     "reward_errors": step_errors, "worker_faults": result.faults, "time": time.time()})
@@ -473,31 +494,83 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
             if done == stop_after:
                 break
         bar.close()
+        if leader:
+            heartbeat.idle(r.steps)
     finally:
-        rollouts.close()
-    save_totals()
-    faults = {k: faults.get(k, 0) + v for k, v in rollouts.fault_counts().items()} or faults
-    return _stats(cfg, start, device, init_path, init_fingerprint, totals, faults, rollouts.describe(), model_config)
+        if rollouts is not None:
+            rollouts.close()
+    if leader:
+        save_totals()
+    return rl_summary()
 
 
-def _stats(cfg, start, device, init_path, init_fingerprint, totals, faults, rollout, model_config) -> dict:
-    """What summary.json records under "rl"."""
-    return {"steps": cfg.rl.steps, "resumed_from": start, "mode": cfg.rl.mode, "device": str(device),
-            "device_kind": accel.device_kind(device), "dtype": cfg.rl.dtype, "rollout": rollout,
-            "init": str(init_path), "init_fingerprint": init_fingerprint, **totals,
-            "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
-            "worker_faults": faults, "parameters": model_config.num_parameters()}
+def policy_update(model: Transformer, reference: Transformer | None, optimizer, batch: Batch, rows: list[int],
+                  r, amp_dtype, group=None, before_step=None) -> tuple[dict, torch.Tensor, float]:
+    """rl.updates_per_batch optimizer steps on `batch`, this trainer computing the sequences `rows`
+    in micro-batches. With a trainer group (data parallel) each rank has its own rows and the
+    gradients are summed over the group: the token weights c_t are global, so the sum is the
+    full batch's gradient and every rank takes the same step.
+
+    Returns (loss stats of the last update, summed over the group; logp_old of every sequence of the
+    batch, flat, gathered over the group; grad norm).
+    """
+    device = batch.input_ids.device
+    micro = r.micro_batch_size or len(rows)
+    subs = [batch.select(rows[i:i + micro]) for i in range(0, len(rows), micro)]
+    total_tokens = max(1, batch.logp_rollout.numel())
+    old, ref = [], []
+    keys = ("loss", "clip_frac", "kl_ref", "tis_mean", "tis_capped")
+    stats = torch.zeros(len(keys), dtype=torch.float64)
+    params = list({id(p): p for p in model.parameters()}.values())
+    for update in range(r.updates_per_batch):
+        last = update == r.updates_per_batch - 1
+        for c, sub in enumerate(subs):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                logp = token_logprobs(model, sub)
+                if update == 0:  # the policy before this batch's updates is logp_old
+                    old.append(logp.detach())
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref.append(token_logprobs(reference, sub))
+            terms = grpo_loss(logp, old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
+                              sub.logp_rollout, r.tis_cap, ref[c] if ref else None, r.kl_coef)
+            terms.loss.backward()
+            if last:  # per-token stats weighted by this micro-batch's share of the batch's tokens
+                share = logp.numel() / total_tokens
+                stats += torch.tensor([float(terms.loss.detach()), terms.clip_frac * share, terms.kl_ref * share,
+                                       terms.tis_mean * share, terms.tis_capped * share], dtype=torch.float64)
+        if group is not None:
+            for p in params:
+                dist.all_reduce(p.grad, group=group)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip if r.grad_clip > 0 else float("inf"))
+        if before_step is not None:
+            before_step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    old = torch.cat(old)
+    if group is not None:  # every rank's stats and logp_old, summed into place
+        stats = stats.to(device)
+        dist.all_reduce(stats, group=group)
+        full = torch.zeros(total_tokens, device=device, dtype=old.dtype)
+        first = sum(batch.lengths[:rows[0]])
+        full[first:first + old.numel()] = old
+        dist.all_reduce(full, group=group)
+        old = full
+    return dict(zip(keys, stats.tolist())), old, float(grad_norm)
 
 
 def run_rl_stage(cfg: Config, init: str | Path, out: str | Path, progress: bool = True) -> Path:
     """`tandem rl` and the pipeline's GRPO stage: check devices, then train into out/checkpoints/rl."""
     from tandem.runs import prepare_run
-    from tandem.train.rollout import check_devices
+    from tandem.train.rollout import check_devices, torchrun_env
     check_devices(cfg)
     rl_tasks(cfg)                       # unknown task names fail before anything is written
     if not Path(init).exists():
         raise ModelError(f"--init path not found: {init}")
-    run_dir = prepare_run(out, cfg)
+    launched = torchrun_env()
+    leader = launched is None or launched[0] == 0
+    run_dir = prepare_run(out, cfg) if leader else Path(out)   # other trainer ranks wait for it
     stats = train_grpo(cfg, run_dir, init, progress=progress)
-    update_summary(run_dir, rl=stats, parameters=stats["parameters"])
+    if leader:
+        update_summary(run_dir, rl=stats, parameters=stats["parameters"])
     return run_dir

@@ -31,6 +31,15 @@ Launching.
   here, so tandem does not respawn workers: it reassigns a dead worker's prompts and re-admits a
   worker that comes back, restarted by torchrun or by hand with `--master HOST:PORT --rank R`.
 
+Data-parallel trainers (`rl.trainers > 1`, torchrun only: one process per rank). The trainer ranks
+form their own process group over the trainer device's backend (accel.dist_backend: nccl, hccl,
+gloo on the cpu). Rank 0 alone talks to the workers; it broadcasts each step's batch to the other
+trainers, every trainer computes the loss of its contiguous slice of the sequences, and the
+gradients are summed with all_reduce before the (identical) optimizer step. Every trainer rank
+reads --init and resumes from the run's checkpoints itself, so trainer ranks on several machines
+need the same paths (a shared filesystem); only rank 0 writes. A trainer that dies ends the job
+(restart it; it resumes): trainers are the stable hardware in this design, workers are not.
+
 Transport. Everything between the roles goes through host memory over the job's c10d key/value
 store (torch.distributed.TCPStore), never through a collective: NCCL (trainer) and HCCL (workers)
 cannot talk to each other, and a collective with a dead or hung peer blocks every rank in it,
@@ -78,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -374,6 +384,9 @@ class Colocated:
     def fault_counts(self) -> dict:
         return {}
 
+    def pids(self) -> dict[str, int]:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -590,6 +603,11 @@ class WorkerPool:
     def fault_counts(self) -> dict:
         return dict(self.faults)
 
+    def pids(self) -> dict[str, int]:
+        """Live worker processes this pool started, {"rolloutR": pid} (fault injection targets them)."""
+        return {f"rollout{w.rank}": w.proc.pid for w in self.workers.values()
+                if w.proc is not None and w.proc.poll() is None}
+
     def close(self) -> None:
         """Tell live workers to stop, then make sure every process we started is gone."""
         for worker in self.workers.values():
@@ -620,11 +638,37 @@ def torchrun_env() -> tuple[int, int] | None:
     return None
 
 
+@functools.cache
 def env_store(rank: int):
-    """The job's store under torchrun: its agent's (as init_process_group uses), else rank 0 hosts it."""
+    """The job's store under torchrun: its agent's (as init_process_group uses), else rank 0 hosts it.
+    One connection per process (cached): the trainer group and the worker pool share it."""
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     hosted = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    return connect(host, port, is_master=hosted), host, port
+    return connect(host, port, is_master=hosted)
+
+
+def join_trainers(cfg) -> tuple[object | None, torch.device]:
+    """(the trainers' process group or None, this trainer's device).
+
+    With rl.trainers > 1 (torchrun only: one process per rank) ranks 0 .. rl.trainers-1 form a
+    process group over the trainer device's own backend (accel.dist_backend: nccl, hccl, gloo on the
+    cpu) for data parallelism; an accelerator named without an index gets LOCAL_RANK's.
+    """
+    device = accel.resolve_device(cfg.device_for("rl"))
+    if cfg.rl.trainers == 1:
+        return None, device
+    launched = torchrun_env()
+    if launched is None:
+        world = cfg.rl.trainers + cfg.rollout.workers
+        raise RolloutError(f"rl.trainers = {cfg.rl.trainers} needs one process per trainer: launch with "
+                           f"torchrun --nproc-per-node {world} -m tandem.cli rl ... (or set rl.trainers = 1)")
+    rank = launched[0]
+    if device.type != "cpu" and device.index is None:
+        device = accel.resolve_device(f"{device.type}:{os.environ.get('LOCAL_RANK', '0')}")
+    # Rank 0 joins only after preparing the run folder, so the others find it when this returns.
+    store = dist.PrefixStore("trainers", env_store(rank))
+    dist.init_process_group(accel.dist_backend(device), store=store, rank=rank, world_size=cfg.rl.trainers)
+    return dist.group.WORLD, device
 
 
 def check_devices(cfg) -> None:
@@ -653,8 +697,7 @@ def start_rollouts(cfg, model_config: ModelConfig, tokenizer, run_dir: Path, tra
         if world != cfg.rl.trainers + w.workers:
             raise RolloutError(f"torchrun started {world} ranks but rl.trainers + rollout.workers = "
                                f"{cfg.rl.trainers + w.workers}; set --set rollout.workers={world - cfg.rl.trainers}")
-        store, _, _ = env_store(rank)
-        return WorkerPool(cfg, spec, store, list(range(first, world)), None, run_dir)
+        return WorkerPool(cfg, spec, env_store(rank), list(range(first, world)), None, run_dir)
     store = connect("127.0.0.1", w.port, is_master=True)
     return WorkerPool(cfg, spec, store, list(range(first, first + w.workers)), ("127.0.0.1", store.port), run_dir)
 
