@@ -62,7 +62,7 @@ from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -648,7 +648,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None,
         run = Run(state, engine_loop, [prompt], [params], body.n, _stops(body.stop), chat=True)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(run.stream(include_usage))
+            return EventStream(run, include_usage)
         return await run.complete(request)
 
     @app.post("/v1/completions", summary="Text completion of a raw prompt (no chat template, tags kept)")
@@ -661,7 +661,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None,
         run = Run(state, engine_loop, prompts, params, body.n, _stops(body.stop), chat=False)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(run.stream(include_usage))
+            return EventStream(run, include_usage)
         return await run.complete(request)
 
     return app
@@ -783,9 +783,30 @@ def _sampling(state: _State, body: _Sampling, prompt: list[int], max_new: int | 
                           stop_token_ids=() if body.ignore_eos else (state.tokenizer.eos_id,))
 
 
-def _sse(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+class EventStream(Response):
+    """The server-sent events of one Run, written straight to the connection.
+
+    Leaner than Starlette's StreamingResponse (no task group per request): a client that goes
+    away is noticed by `Run._watch`, as for non-streamed requests, which ends the stream and
+    cancels its sequences at once."""
+
+    def __init__(self, run: "Run", include_usage: bool):
+        self.run, self.include_usage = run, include_usage
+        self.status_code, self.background = 200, None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no")]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        watcher = asyncio.create_task(self.run._watch(receive))
+        try:
+            async for text in self.run.stream(self.include_usage):
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except _ClientGone:
+            pass
+        finally:
+            watcher.cancel()
 
 
 def _data(obj) -> str:
@@ -939,10 +960,9 @@ class Run:
             choice.job.release()
         return choice, reasoning, content
 
-    async def _watch(self, request: Request) -> None:
-        """Wake `next()` when the client of a non-streamed request goes away (streams learn it from
-        Starlette, which cancels their generator)."""
-        while (await request.receive())["type"] != "http.disconnect":
+    async def _watch(self, receive) -> None:
+        """Wake `next()` (with a sentinel event) when the client goes away."""
+        while (await receive())["type"] != "http.disconnect":
             pass
         self.events.put_nowait((-1, None))
 
@@ -954,7 +974,7 @@ class Run:
     # --- not streamed ----------------------------------------------------------------------------
 
     async def complete(self, request: Request) -> JSONResponse:
-        watcher = asyncio.create_task(self._watch(request))
+        watcher = asyncio.create_task(self._watch(request.receive))
         try:
             while self.unfinished():
                 await self.next()
