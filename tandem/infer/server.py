@@ -66,6 +66,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenizers.decoders import DecodeStream
 
 from tandem.errors import TandemError
 from tandem.infer.engine import Engine, SamplingParams, StepOutput
@@ -183,16 +184,16 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 class TextStream:
     """One choice's decoded text, released piece by piece as tokens arrive.
 
-    Decodes a sliding window of ids (vLLM's scheme): text is released only once it no longer
-    ends in U+FFFD, so a character split over several byte-level tokens comes out whole. Text
-    that could be the start of a stop string is held back until it is ruled out; when a stop
-    string appears, the text is cut before it and `stopped` is set.
+    Incremental detokenization is `tokenizers`' DecodeStream (the prefix-window scheme vLLM uses,
+    in Rust): text comes out only as whole characters, so a character split over several
+    byte-level tokens is released once, whole; an incomplete character at the very end of a
+    generation is dropped. Text that could be the start of a stop string is held back until it is
+    ruled out; when a stop string appears, the text is cut before it and `stopped` is set.
     """
 
     def __init__(self, tokenizer, stops: list[str]):
-        self.tok, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.prefix = self.read = 0       # ids[prefix:read] is the last decoded window
+        self.tok, self.stops = tokenizer.tokenizer, stops
+        self.decoder = DecodeStream(skip_special_tokens=True)
         self.text = ""                    # all text decoded so far (cut at a stop string)
         self.sent = 0                     # characters of text already released
         self.stopped = False
@@ -200,20 +201,13 @@ class TextStream:
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
-        self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
+        piece = self.decoder.step(self.tok, token_id)
+        if piece:
+            self.text += piece
         return self._release(final=False)
 
     def flush(self) -> str:
-        """The held-back rest, at the end of the generation (an incomplete character included)."""
-        if not self.stopped:
-            tail = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
-            self.text += tail
-            self.prefix = self.read = len(self.ids)
+        """The held-back rest, at the end of the generation."""
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
@@ -917,6 +911,7 @@ class Run:
                     SamplingParams(**{**p.__dict__, "seed": (p.seed + i) % 2**63})
                 job = Job(prompt, seeded, len(self.choices), self.events, loop, state)
                 self.choices.append(Choice(self, len(self.choices), job))
+        self.open = total                     # choices without a finish_reason yet
         state.inflight += total
         state.metrics.counters["prompt_tokens_total"] += self.prompt_tokens
         for choice in self.choices:
@@ -933,7 +928,7 @@ class Run:
                 self.state.metrics.counters["requests_cancelled_total"] += 1
 
     def unfinished(self) -> bool:
-        return any(c.finish_reason is None for c in self.choices)
+        return self.open > 0
 
     async def next(self) -> tuple[Choice, str, str]:
         """The next token of any choice: (choice, reasoning released, content released).
@@ -955,6 +950,7 @@ class Run:
         out, now = event
         reasoning, content = choice.on_token(out, now)
         if choice.finish_reason is not None:
+            self.open -= 1
             if not out.finished:                      # ended by a stop string: free its slot now
                 self.engine_loop.cancel(choice.job)
             choice.job.release()
