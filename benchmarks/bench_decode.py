@@ -1,0 +1,158 @@
+"""Decode throughput: tandem's Engine vs transformers' LlamaForCausalLM.generate(), same weights.
+
+Builds a small tandem Transformer (~0.85M parameters: vocab 512, hidden 128, 4 layers, 4 heads,
+2 kv heads, intermediate 384), copies its state_dict into an HF LlamaForCausalLM built from the
+equivalent LlamaConfig (checked: same logits), then times greedy generation of exactly
+--new-tokens tokens after a --prompt-len-token prompt (no stop tokens, HF eos disabled and
+min_new_tokens = max_new_tokens) at each batch size. Each measurement is repeated --repeats times
+after a warm-up, ours and HF interleaved; the table reports medians, plus the range of the ratios
+of neighbouring runs (a gauge of how noisy the shared machine was). Tokens/s counts generated
+tokens (batch x new tokens) over the wall time of the whole generate() call, prefill included.
+Our side runs `Engine.generate()` with default SamplingParams (so it also computes logprobs); the
+Engine (its KV cache and fused weights) is built once per batch size, outside the timing, as a
+server would.
+
+    .venv/bin/python benchmarks/bench_decode.py                  # print the table
+    .venv/bin/python benchmarks/bench_decode.py --threads 1 --write   # also update BENCHMARKS.md
+
+Targets: ours >= 3x HF at batch 1 and >= 1.5x at batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tandem.infer.engine import Engine, SamplingParams  # noqa: E402
+from tandem.model import ModelConfig, Transformer, count_parameters  # noqa: E402
+
+SECTION = "bench_decode"      # BENCHMARKS.md markers: <!-- bench_decode:start --> ... <!-- bench_decode:end -->
+TARGETS = {1: 3.0, 32: 1.5}
+
+
+def build_models(seed: int = 0):
+    import transformers
+    config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    ours = Transformer(config)
+    ours.reset_parameters(seed=seed)
+    ours.eval()
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, attention_bias=False, mlp_bias=False,
+        hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf = transformers.LlamaForCausalLM(hf_config)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    hf.eval()
+    probe = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(probe) - hf(probe).logits).abs().max().item()
+    return config, ours, hf, diff
+
+
+def time_ours(engine: Engine, prompts, new_tokens: int) -> float:
+    params = SamplingParams(max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    gens = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(g.token_ids) == new_tokens for g in gens)
+    return elapsed
+
+
+def time_hf(hf, input_ids: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == input_ids.shape[1] + new_tokens
+    return elapsed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="update the bench_decode section of BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    import transformers
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    config, ours, hf, diff = build_models()
+    print(f"model: {count_parameters(ours):,} parameters; max |logit diff| tandem vs HF on the same weights: {diff:.2e}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__} transformers={transformers.__version__} "
+          f"prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeats={args.repeats} "
+          f"(load average {load:.1f} on {os.cpu_count()} cpus)")
+
+    rows = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        input_ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g)
+        prompts = input_ids.tolist()
+        engine = Engine(ours, max_batch=batch, max_len=args.prompt_len + args.new_tokens)
+        time_ours(engine, prompts, args.new_tokens)           # warm up both
+        time_hf(hf, input_ids, args.new_tokens)
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):                          # interleave to share the noise
+            t_ours.append(time_ours(engine, prompts, args.new_tokens))
+            t_hf.append(time_hf(hf, input_ids, args.new_tokens))
+        tokens = batch * args.new_tokens
+        ours_tps, hf_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_hf)
+        paired = sorted(h / o for o, h in zip(t_ours, t_hf))     # each run against its neighbour
+        rows.append((batch, hf_tps, ours_tps, ours_tps / hf_tps, paired))
+        print(f"batch {batch}: HF {hf_tps:,.0f} tok/s, ours {ours_tps:,.0f} tok/s, ratio {ours_tps / hf_tps:.2f}x "
+              f"(paired runs: {', '.join(f'{r:.2f}' for r in paired)})", flush=True)
+
+    lines = ["| batch | HF generate (tok/s) | tandem Engine (tok/s) | ours / HF | paired runs min-max | target |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for batch, hf_tps, ours_tps, ratio, paired in rows:
+        target = TARGETS.get(batch)
+        mark = "" if target is None else f">= {target}x {'(met)' if ratio >= target else '(MISSED)'}"
+        lines.append(f"| {batch} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ratio:.2f}x | "
+                     f"{paired[0]:.2f}-{paired[-1]:.2f}x | {mark} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+
+    if args.write:
+        from benchmarks.common import BENCHMARKS_MD, environment, write_section
+        body = "\n".join([
+            f"Greedy decoding, {count_parameters(ours):,}-parameter Llama-shaped model (vocab 512, hidden 128, "
+            f"4 layers, 4 heads, 2 kv heads, intermediate 384), the same weights on both sides, prompt "
+            f"{args.prompt_len} tokens, exactly {args.new_tokens} new tokens per sequence, tokens/s = generated "
+            f"tokens / wall time of the whole generate() call (prefill included), median of {args.repeats} "
+            f"interleaved runs after a warm-up. Ours: `Engine.generate()` with default SamplingParams "
+            f"(logprobs on); HF: `LlamaForCausalLM.generate(do_sample=False, min_new_tokens=max_new_tokens)`.",
+            "",
+            f"Environment: {environment(torch.get_num_threads())}, cpu ({os.cpu_count()} cores visible, "
+            f"1-min load average {load:.1f} when the run started: the machine is shared, numbers are noisy).",
+            "",
+            table,
+        ])
+        command = "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section(SECTION, "Decode throughput: tandem Engine vs transformers generate()", body,
+                      command.strip())
+        print(f"\nwrote {BENCHMARKS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: the batched, KV-cached generation engine (tandem/infer/engine.py)."""
