@@ -69,7 +69,8 @@ class Attempt:
     number: int
     started: float                 # time.time()
     waited: float = 0.0            # backoff before it started, seconds
-    ended: float = 0.0
+    detected: float = 0.0          # when the supervisor saw it exit, or declared it hung
+    ended: float = 0.0             # when it and its process group were gone
     outcome: str = ""              # done | crashed | hung | user_error | interrupted
     detail: str = ""               # "killed by SIGKILL", "exit status 1", "no heartbeat for 30.0 s"
     first_step: int | None = None  # first and last step it reported in a heartbeat
@@ -196,6 +197,7 @@ def _watch(pid: int, attempt: Attempt, run_dir: Path, policy: Policy, poll: floa
         if beat is not None:
             attempt.first_step, attempt.last_step = beat["first_step"], beat["step"]
         if done:
+            attempt.detected = time.time()
             return _outcome(status)
         if beat is not None and beat["idle"]:
             deadline = None
@@ -203,6 +205,7 @@ def _watch(pid: int, attempt: Attempt, run_dir: Path, policy: Policy, poll: floa
             deadline = beat["time"] + policy.heartbeat_timeout if beat else attempt.started + policy.startup_timeout
         now = time.time()
         if deadline is not None and now >= deadline:
+            attempt.detected = now
             _kill_group(pid)
             os.waitpid(pid, 0)
             silent = now - (beat["time"] if beat else attempt.started)
@@ -222,7 +225,7 @@ def _record(run_dir: Path, supervision: Supervision, attempt: Attempt) -> None:
     if attempt.outcome in ("crashed", "hung"):
         append_jsonl(run_dir / INCIDENTS_FILE, {
             "kind": "hang" if attempt.outcome == "hung" else "crash", "step": attempt.last_step,
-            "detail": attempt.detail, "role": "supervisor", "time": attempt.ended, "pid": os.getpid(),
+            "detail": attempt.detail, "role": "supervisor", "time": attempt.detected, "pid": os.getpid(),
             "attempt": attempt.number})
 
 
@@ -249,7 +252,7 @@ def supervise(job: Callable[[], int], run_dir: str | Path, policy: Policy, poll:
                 deadline = time.time() + 10
                 while time.time() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
                     time.sleep(0.05)
-                attempt.outcome, attempt.detail = "interrupted", "by the user"
+                attempt.outcome, attempt.detail, attempt.detected = "interrupted", "by the user", time.time()
             _kill_group(pid)  # anything the child left running
             try:
                 os.waitpid(pid, 0)

@@ -60,7 +60,7 @@ def test_a_hang_is_killed_within_the_heartbeat_timeout(tmp_path, twin):
     assert result.returncode == 0, result.stderr
     hang = read_jsonl(tmp_path / "run" / "faults.jsonl")[0]
     detected = [i for i in read_jsonl(tmp_path / "run" / "incidents.jsonl") if i["kind"] == "hang"]
-    assert len(detected) == 1 and detected[0]["time"] - hang["time"] <= 2.0 + 0.3
+    assert len(detected) == 1 and detected[0]["time"] - hang["time"] <= 2.0 + 0.1  # + scheduling slack
     assert _fingerprint(tmp_path / "run") == twin
 
 

@@ -1,0 +1,328 @@
+"""Chaos benchmark: training on hardware that crashes, hangs and corrupts data.
+
+    python benchmarks/bench_chaos.py --write            the full run (about 9 minutes on an idle 2-core machine)
+    python benchmarks/bench_chaos.py --quick            scaled down for a busy machine (about 3 minutes)
+
+Sections, each against its target (every job is the real CLI under `--supervise`, in subprocesses,
+with real signals, unless said otherwise):
+
+1. kills: `--trials` runs of the smoke SFT preset (`--steps` steps, a checkpoint every 5), each
+   with `--kills` SIGKILLs at random steps, a third of them inside a checkpoint write (files
+   written, manifest not yet). Target: final weights bitwise identical to the uninterrupted run in
+   every trial.
+2. grpo: GRPO in sync mode from the trial's SFT result, with two trainer kills (one mid-write) and
+   a rollout worker kill. Target: identical to the uninterrupted GRPO run.
+3. bit flips (in-process): the smoke preset with 2 replicas checked every step, `--flips` single
+   bit flips at random steps (half in a gradient, half in a weight at rest) plus `--clean-steps`
+   steps without any. Targets: every flip detected, no alarm on a clean step; and (ours) the
+   repaired run ends with the fault-free run's weights.
+4. checkpoints: `--damages` random truncations and bit flips of a real checkpoint's files (the
+   manifest included). Target: every damaged checkpoint rejected.
+5. hang: a smoke run that hangs, under the default 30 s heartbeat timeout (`--hang-timeout`).
+   Target: killed within the timeout.
+6. goodput: the tiny preset (`--tiny-steps` steps; a checkpoint every 5 steps, written async)
+   under random crashes (kill, device error) at each MTBF in `--mtbfs`, next to a fault-free twin.
+   Goodput = the twin's time in training steps / wall time. Target: >= 90% at an MTBF of 50
+   steps. The plot (docs/chaos_goodput.png) shows the measured points and, from 20 to 500 steps,
+   the model wall(M) = twin wall + (steps / M) x (measured time lost per fault).
+7. async checkpoints (in-process): the tiny preset's step time, and its checkpoint saved
+   synchronously and asynchronously. Target: async overhead <= 5% of step time at the default
+   interval (sft.checkpoint_every of the tiny preset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, environment, median, table, write_section  # noqa: E402
+from tandem.chaos import match_detections, run_job  # noqa: E402
+from tandem.config import load_config  # noqa: E402
+from tandem.model import weights_fingerprint  # noqa: E402
+from tandem.pipeline import build_tasks, ensure_tokenizer  # noqa: E402
+from tandem.runs import prepare_run  # noqa: E402
+from tandem.train.checkpoint import (AsyncCheckpointer, latest_valid, load_checkpoint, save_checkpoint,  # noqa: E402
+                                     verify_checkpoint)
+from tandem.train.resilience import read_jsonl  # noqa: E402
+from tandem.train.sft import train_sft  # noqa: E402
+
+PLOT = ROOT / "docs" / "chaos_goodput.png"
+QUICK = {"trials": 4, "kills": 5, "steps": 40, "flips": 20, "clean_steps": 200, "damages": 200,
+         "hang_timeout": 5.0, "tiny_steps": 20, "mtbfs": "5,10", "async_steps": 3, "saves": 3}
+
+
+def smoke(steps: int) -> list[str]:
+    return ["run.threads=1", f"sft.steps={steps}", "sft.checkpoint_every=5", "sft.log_every=5"]
+
+
+def fingerprint(run_dir: Path, phase: str = "sft") -> str:
+    return weights_fingerprint(load_checkpoint(latest_valid(run_dir / "checkpoints" / phase))["model"])
+
+
+def train_in_process(run_dir: Path, preset: str, overrides: list[str]) -> tuple[dict, str]:
+    cfg = load_config(preset=preset, overrides=overrides)
+    run_dir = prepare_run(run_dir, cfg)
+    tasks = build_tasks(cfg)
+    stats = train_sft(cfg, run_dir, ensure_tokenizer(cfg, run_dir, tasks), tasks, progress=False)
+    return stats, fingerprint(run_dir)
+
+
+def kill_schedule(rng: random.Random, kills: int, steps: int, every: int) -> str:
+    """`kills` distinct SIGKILLs: a third inside the write of a checkpoint, the rest mid-step."""
+    in_write = rng.sample(range(every, steps, every), min(kills // 3, (steps - 1) // every))
+    mid_step = rng.sample(range(1, steps), kills - len(in_write))
+    return ",".join([f"kill:ckpt@{s}" for s in in_write] + [f"kill@{s}" for s in mid_step])
+
+
+def section_kills(args, work: Path) -> tuple[str, Path]:
+    twin = run_job(["sft", "--preset", "smoke"], work / "kills-twin", smoke(args.steps), 3)
+    identical, landed, in_write, restarts = 0, 0, 0, 0
+    for trial in range(args.trials):
+        schedule = kill_schedule(random.Random(trial), args.kills, args.steps, 5)
+        run = run_job(["sft", "--preset", "smoke"], work / f"kills-{trial}",
+                      smoke(args.steps) + [f"resilience.faults={json.dumps(schedule)}"], args.kills + 3)
+        identical += run.returncode == 0 and run.fingerprint == twin.fingerprint
+        landed += len(run.faults)
+        in_write += sum(f["target"] == "ckpt" for f in run.faults)
+        restarts += run.restarts
+        print(f"  kills trial {trial}: {len(run.faults)} kills, {run.restarts} restarts, "
+              f"identical={run.fingerprint == twin.fingerprint}", flush=True)
+    body = table(["trials", "SIGKILLs", "inside a checkpoint write", "restarts", "final weights identical"],
+                 [[args.trials, landed, in_write, restarts, f"**{identical}/{args.trials}**"]])
+    return (f"**1. SIGKILLs, smoke SFT** ({args.steps} steps, checkpoint every 5, {args.kills} kills per trial). "
+            f"Target: identical in every trial.\n\n{body}"), work / "kills-twin"
+
+
+def section_grpo(args, work: Path, init: Path) -> str:
+    job = ["rl", "--init", str(init), "--preset", "smoke"]
+    settings = ["run.threads=1", "rollout.threads=1", "rl.mode=sync", "rl.steps=6", "rl.checkpoint_every=1",
+                "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12", "rollout.timeout=20"]
+    faults = "kill@2,rollout1/kill@3,kill:ckpt@5"
+    twin = run_job(job, work / "grpo-twin", settings, 3)
+    run = run_job(job, work / "grpo-chaos", settings + [f"resilience.faults={json.dumps(faults)}"], 5)
+    detected, _ = match_detections(run.faults, run.incidents)
+    ok = twin.returncode == 0 and run.returncode == 0 and twin.fingerprint == run.fingerprint
+    body = table(["faults", "injected", "detected", "restarts", "final weights identical"],
+                 [[f"`{faults}`", len(run.faults), len(detected), run.restarts, f"**{'yes' if ok else 'NO'}**"]])
+    return f"**2. GRPO, sync mode** (6 steps, 1 rollout worker in bf16). Target: identical.\n\n{body}"
+
+
+def section_flips(args, work: Path) -> str:
+    steps = args.clean_steps + args.flips
+    rng = random.Random(0)
+    at = sorted(rng.sample(range(1, steps), args.flips))
+    faults = ",".join(f"bitflip:{'grad' if i % 2 else 'weight'}@{s}" for i, s in enumerate(at))
+    base = ["run.threads=1", f"sft.steps={steps}", "sft.checkpoint_every=100", "sft.log_every=100"]
+    started = time.perf_counter()
+    stats, repaired = train_in_process(work / "flips", "smoke", base + [
+        "resilience.replicas=2", "resilience.check_every=1", f"resilience.faults={json.dumps(faults)}"])
+    seconds = time.perf_counter() - started
+    _, clean = train_in_process(work / "flips-twin", "smoke", base)
+    fired = read_jsonl(work / "flips" / "faults.jsonl")
+    alarms = [i for i in read_jsonl(work / "flips" / "incidents.jsonl") if i["kind"] == "corruption"]
+    detected = len({i["step"] for i in alarms} & {f["step"] for f in fired})
+    false_alarms = len({i["step"] for i in alarms} - {f["step"] for f in fired})
+    body = table(["bit flips (grad / weight)", "detected and repaired", "clean steps", "false alarms",
+                  "weights = fault-free run", "2-replica step time"],
+                 [[f"{len(fired)} ({sum(f['target'] == 'grad' for f in fired)} / "
+                   f"{sum(f['target'] == 'weight' for f in fired)})", f"**{detected}/{len(fired)}**",
+                   steps - len(fired), f"**{false_alarms}**", "yes" if repaired == clean else "NO",
+                   f"{stats['seconds'] / steps * 1000:.0f} ms"]])
+    return (f"**3. Silent corruption, 2 replicas checked every step** (smoke, in-process replicas fed the same "
+            f"batches; {seconds:.0f} s). Targets: 100% detected, 0 false alarms.\n\n{body}")
+
+
+def section_checkpoints(args, twin: Path) -> str:
+    folder = latest_valid(twin / "checkpoints" / "sft")
+    pristine = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rng, rejected = random.Random(1), 0
+    scratch = folder.with_name(".bench-damage")  # a copy: the twin's checkpoint stays intact
+    scratch.mkdir(exist_ok=True)
+    for name, data in pristine.items():
+        (scratch / name).write_bytes(data)
+    manifest = json.loads(pristine["manifest.json"])
+    for trial in range(args.damages):
+        name = rng.choice(sorted(pristine))
+        data = bytearray(pristine[name])
+        if trial % 2:
+            del data[rng.randrange(len(data)):]
+        else:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        (scratch / name).write_bytes(bytes(data))
+        rejected += verify_checkpoint(scratch) is not None
+        (scratch / name).write_bytes(pristine[name])
+    intact = verify_checkpoint(scratch) is None
+    for path in scratch.iterdir():
+        path.unlink()
+    scratch.rmdir()
+    body = table(["damaged checkpoints (truncated / bit-flipped file)", "rejected", "undamaged copy accepted"],
+                 [[f"{args.damages} ({args.damages // 2} / {args.damages - args.damages // 2})",
+                   f"**{rejected}/{args.damages}**", "yes" if intact else "NO"]])
+    return (f"**4. Checkpoint integrity** (a smoke checkpoint, {len(manifest['files']) + 1} files). "
+            f"Target: 100% rejected.\n\n{body}")
+
+
+def section_hang(args, work: Path) -> str:
+    settings = smoke(20) + ['resilience.faults="hang@7"', f"resilience.heartbeat_timeout={args.hang_timeout}"]
+    run = run_job(["sft", "--preset", "smoke"], work / "hang", settings, 3)
+    hang = run.faults[0]
+    detected = [i for i in run.incidents if i["kind"] == "hang"][0]
+    latency = detected["time"] - hang["time"]
+    body = table(["heartbeat timeout", "hang detected after", "within the timeout", "run finished"],
+                 [[f"{args.hang_timeout:.0f} s", f"{latency:.2f} s", f"**{'yes' if latency <= args.hang_timeout else 'NO'}**",
+                   "yes" if run.returncode == 0 else "NO"]])
+    return f"**5. Hang** (smoke, hang at step 7). Target: detected within the timeout.\n\n{body}"
+
+
+def section_goodput(args, work: Path) -> str:
+    settings = ["sft.steps=%d" % args.tiny_steps, "sft.checkpoint_every=5", "sft.log_every=10",
+                "resilience.async_checkpoint=true"]
+    twin = run_job(["sft", "--preset", "tiny"], work / "goodput-twin", settings, 3)
+    useful = twin.step_seconds
+    points, lost, faults = [], 0.0, 0
+    for mtbf in [float(m) for m in args.mtbfs.split(",")]:
+        run = run_job(["sft", "--preset", "tiny"], work / f"goodput-{mtbf:g}", settings + [
+            f"resilience.mtbf={mtbf}", 'resilience.mtbf_kinds=["kill", "device_error"]', "resilience.fault_seed=1"],
+            args.tiny_steps)
+        points.append((mtbf, len(run.faults), run.restarts, run.wall, useful / run.wall,
+                       run.fingerprint == twin.fingerprint))
+        lost += run.wall - twin.wall
+        faults += len(run.faults)
+        print(f"  goodput mtbf {mtbf:g}: {len(run.faults)} faults, goodput {useful / run.wall:.1%}", flush=True)
+    per_fault = lost / max(1, faults)
+    model = {m: useful / (twin.wall + args.tiny_steps / m * per_fault) for m in range(20, 501, 5)}
+    plot(model, points, useful / twin.wall, args.tiny_steps)
+    rows = [["none (twin)", 0, 0, f"{twin.wall:.1f} s", f"{useful / twin.wall:.1%}", "-"]]
+    rows += [[f"{m:g} steps", n, r, f"{w:.1f} s", f"**{g:.1%}**", "yes" if same else "NO"]
+             for m, n, r, w, g, same in points]
+    body = table(["MTBF", "faults", "restarts", "wall", "goodput", "weights identical"], rows)
+    return (f"**6. Goodput under random crashes** (tiny preset, {args.tiny_steps} steps, checkpoint every 5 steps "
+            f"written async; faults: SIGKILL and device error; useful step time {useful:.1f} s). Target: >= 90% at "
+            f"an MTBF of 50 steps.\n\n{body}\n\nMeasured time lost per fault: {per_fault:.2f} s (restart, "
+            f"reload, recomputed steps). Model: wall(M) = twin wall + ({args.tiny_steps} / M) x {per_fault:.2f} s, "
+            f"giving {model[50]:.1%} at M = 50 and {model[500]:.1%} at M = 500.\n\n"
+            f"![goodput against MTBF]({PLOT.relative_to(ROOT).as_posix()})")
+
+
+def plot(model: dict, points: list, twin_goodput: float, steps: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(list(model), [100 * g for g in model.values()], label="model from measured cost per fault")
+    ax.scatter([p[0] for p in points], [100 * p[4] for p in points], color="C3", zorder=3, label="measured")
+    ax.axhline(100 * twin_goodput, color="grey", linestyle=":", label="fault-free twin")
+    ax.axhline(90, color="C2", linestyle="--", linewidth=0.8, label="target (90% at MTBF 50)")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean time between faults (steps)")
+    ax.set_ylabel("goodput (%)")
+    ax.set_title(f"tiny preset, {steps} steps, crashes (SIGKILL, device error)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    PLOT.parent.mkdir(exist_ok=True)
+    fig.savefig(PLOT, dpi=120)
+
+
+def section_async(args, work: Path) -> str:
+    """Step time from a short tiny run; then its final checkpoint's state saved `--saves` times each
+    way. Sync: the step waits for the whole write. Async: it waits for the copy to host memory; the
+    write then runs beside the steps, and at most steals its own duration from them (an upper
+    bound: with a spare core it steals nothing)."""
+    every = load_config(preset="tiny").sft.checkpoint_every
+    stats, _ = train_in_process(work / "async", "tiny", [f"sft.steps={args.async_steps}", "sft.log_every=100"])
+    step = stats["seconds"] / args.async_steps
+    ckpt = load_checkpoint(latest_valid(work / "async" / "checkpoints" / "sft"))
+    state = (ckpt["model"], {k: v for k, v in ckpt["train_state"].items() if k != "optimizer"}, ckpt["optimizer"])
+    sync, blocked, written = [], [], []
+    saver = AsyncCheckpointer()
+    for i in range(args.saves):
+        t0 = time.perf_counter()
+        save_checkpoint(work / "saves-sync", i + 1, *state, keep=1)
+        t1 = time.perf_counter()
+        saver.save(work / "saves-async", i + 1, *state, keep=1)
+        t2 = time.perf_counter()
+        saver.wait()
+        sync.append(t1 - t0)
+        blocked.append(t2 - t1)
+        written.append(time.perf_counter() - t2)
+    sync, blocked, written = median(sync), median(blocked), median(written)
+    share = lambda seconds, interval: f"{100 * seconds / (interval * step):.2f}%"  # noqa: E731
+    rows = [["sync", f"{sync * 1000:.0f} ms", "-", share(sync, 5), f"**{share(sync, every)}**"],
+            ["async", f"{blocked * 1000:.0f} ms", f"{written * 1000:.0f} ms",
+             f"{share(blocked, 5)} to {share(blocked + written, 5)}",
+             f"**{share(blocked, every)} to {share(blocked + written, every)}**"]]
+    return (f"**7. Checkpoint overhead** (tiny preset: {sum(v.numel() for v in ckpt['model'].values()):,} "
+            f"parameters + AdamW moments; step {step * 1000:.0f} ms; medians of {args.saves} saves). Target: "
+            f"async <= 5% of step time at the default interval ({every} steps). Async overhead is a range: "
+            f"the step waits for the copy to host; the background write steals at most its own time.\n\n"
+            + table(["checkpoint", "step waits", "background write", "overhead, every 5 steps",
+                     f"overhead, every {every} steps"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="scaled down: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=60, help="steps of each kill trial")
+    parser.add_argument("--flips", type=int, default=50)
+    parser.add_argument("--clean-steps", type=int, default=1000)
+    parser.add_argument("--damages", type=int, default=1000)
+    parser.add_argument("--hang-timeout", type=float, default=30.0)
+    parser.add_argument("--tiny-steps", type=int, default=80)
+    parser.add_argument("--mtbfs", default="20,50")
+    parser.add_argument("--async-steps", type=int, default=10, help="tiny steps timed for the checkpoint overhead")
+    parser.add_argument("--saves", type=int, default=5, help="checkpoint saves timed each way")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: kills,grpo,flips,hang,goodput,async")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-chaos"), help="scratch folder (emptied)")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and docs/chaos_goodput.png")
+    args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    skip = set(args.skip.split(","))
+    work = Path(args.work)
+    if work.exists():
+        import shutil
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    parts = []
+    twin = None
+    for name in ("kills", "grpo", "flips", "checkpoints", "hang", "goodput", "async"):
+        if name in skip or (name in ("grpo", "checkpoints") and twin is None and "kills" in skip):
+            continue
+        t0 = time.perf_counter()
+        print(f"[bench_chaos] {name} ...", flush=True)
+        if name == "kills":
+            text, twin = section_kills(args, work)
+        elif name == "grpo":
+            text = section_grpo(args, work, twin)
+        elif name == "flips":
+            text = section_flips(args, work)
+        elif name == "checkpoints":
+            text = section_checkpoints(args, twin)
+        elif name == "hang":
+            text = section_hang(args, work)
+        elif name == "goodput":
+            text = section_goodput(args, work)
+        else:
+            text = section_async(args, work)
+        print(f"{text}\n[bench_chaos] {name}: {time.perf_counter() - t0:.0f} s\n", flush=True)
+        parts.append(text)
+    minutes = (time.perf_counter() - started) / 60
+    body = "\n\n".join(parts) + f"\n\n{environment(1)}; {minutes:.1f} min in all."
+    if args.write:
+        write_section("bench_chaos", "Training on unstable hardware (chaos)", body)
+
+
+if __name__ == "__main__":
+    main()
