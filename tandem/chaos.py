@@ -18,10 +18,11 @@ added to its config into OUT/chaos. The report:
                       checkpoint to its rejection on the next load, a rollout worker's kill or
                       hang to the worker pool's handling of it
     restarts          the supervisor's restarts
-    time lost         chaos wall time - twin wall time
-    goodput           useful step time / wall time, where useful step time is the twin's time in
-                      training steps (each step once) and wall time runs from the first attempt's
-                      start to the last one's end (interpreter start-up excluded for both)
+    goodput           useful step time / wall time, each job its own: useful step time is the time
+                      spent in the steps of the final timeline (a step redone after a crash counts
+                      once; carried in checkpoints), wall time runs from the first attempt's start
+                      to the last one's end (interpreter start-up excluded)
+    time lost         the job's wall time not spent in useful steps, minus the twin's
     final weights     SHA-256 fingerprints of both final checkpoints; identical unless the guard
                       skipped updates (a skipped update is a different, deliberate trajectory)
 """
@@ -59,7 +60,7 @@ class JobResult:
     folder: Path
     returncode: int
     wall: float                        # seconds, first attempt start -> last attempt end
-    step_seconds: float                # time inside training steps (last attempt)
+    useful: float                      # seconds in the steps of the final timeline
     restarts: int
     fingerprint: str | None
     skipped_updates: int
@@ -81,7 +82,8 @@ def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: in
     wall = attempts[-1]["ended"] - attempts[0]["started"] if attempts else time.time() - started
     latest = latest_valid(folder / "checkpoints" / phase)
     final = load_checkpoint(latest) if latest else None
-    return JobResult(folder, returncode, wall, read_summary(folder).get(phase, {}).get("seconds", 0.0),
+    stats = read_summary(folder).get(phase, {})
+    return JobResult(folder, returncode, wall, stats.get("useful_seconds", stats.get("seconds", 0.0)),
                      supervision.get("restarts", 0), weights_fingerprint(final["model"]) if final else None,
                      len(final["train_state"].get("guard", {}).get("skipped", [])) if final else 0,
                      read_jsonl(folder / FAULTS_FILE), read_jsonl(folder / INCIDENTS_FILE))
@@ -118,8 +120,8 @@ class ChaosReport:
     undetected: list[dict]
 
     @property
-    def useful(self) -> float:
-        return self.twin.step_seconds
+    def time_lost(self) -> float:
+        return (self.chaos.wall - self.chaos.useful) - (self.twin.wall - self.twin.useful)
 
     @property
     def identical(self) -> bool:
@@ -130,9 +132,9 @@ class ChaosReport:
                 "faults_injected": len(self.injected), "faults_detected": len(self.detected),
                 "undetected": [f["fault"] for f in self.undetected], "restarts": self.chaos.restarts,
                 "twin_wall_s": self.twin.wall, "chaos_wall_s": self.chaos.wall,
-                "time_lost_s": self.chaos.wall - self.twin.wall, "useful_step_s": self.useful,
-                "twin_goodput": self.useful / self.twin.wall if self.twin.wall else None,
-                "goodput": self.useful / self.chaos.wall if self.chaos.wall else None,
+                "time_lost_s": self.time_lost, "twin_useful_s": self.twin.useful, "useful_s": self.chaos.useful,
+                "twin_goodput": self.twin.useful / self.twin.wall if self.twin.wall else None,
+                "goodput": self.chaos.useful / self.chaos.wall if self.chaos.wall else None,
                 "skipped_updates": self.chaos.skipped_updates, "identical": self.identical,
                 "twin_fingerprint": self.twin.fingerprint, "chaos_fingerprint": self.chaos.fingerprint,
                 "chaos_exit": self.chaos.returncode}

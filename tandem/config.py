@@ -325,7 +325,7 @@ def _validate_rl(cfg: Config) -> None:
 def _validate_resilience(r: ResilienceConfig) -> None:
     from tandem.train.resilience import parse_schedule
     parse_schedule(r.faults)
-    parse_schedule(",".join(f"{kind}@1" for kind in r.mtbf_kinds))
+    parse_schedule(",".join(f"{kind}@1" for kind in r.mtbf_kinds), key="resilience.mtbf_kinds")
     _check(r.mtbf >= 0, "resilience.mtbf", ">= 0 steps (0 = off)", r.mtbf)
     _check(r.guard_window >= 1 and r.guard_min_history >= 2, "resilience.guard_window / guard_min_history",
            "window >= 1, min_history >= 2", (r.guard_window, r.guard_min_history))

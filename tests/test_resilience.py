@@ -7,6 +7,10 @@ subprocesses in test_supervisor.py and test_chaos.py.
 import json
 import math
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -95,6 +99,24 @@ def test_a_fault_fires_once_per_run_folder(tmp_path):
     again = FaultInjector(parse_schedule("nan@3"), tmp_path)  # a restarted process
     assert again.corrupt_loss(3, loss) is loss
     assert FaultInjector(parse_schedule("rollout/nan@3"), tmp_path).corrupt_loss(3, loss) is loss  # not its role
+
+
+def test_strike_delivers_rollout_faults_to_their_processes(tmp_path):
+    workers = {f"rollout{rank}": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+               for rank in (1, 2)}
+    injector = FaultInjector(parse_schedule("rollout2/hang@1,rollout/kill@2"), tmp_path)
+    pids = {role: proc.pid for role, proc in workers.items()}
+    injector.strike(1, pids)
+    state = lambda pid: open(f"/proc/{pid}/stat").read().split()[2]  # noqa: E731  (Linux)
+    deadline = time.time() + 5
+    while state(pids["rollout2"]) != "T" and time.time() < deadline:
+        time.sleep(0.01)
+    assert state(pids["rollout2"]) == "T" and workers["rollout1"].poll() is None  # frozen, not dead
+    injector.strike(2, pids)                                  # "rollout": the lowest-ranked worker
+    assert workers["rollout1"].wait(timeout=10) == -signal.SIGKILL
+    workers["rollout2"].kill()
+    workers["rollout2"].wait()
+    assert [r["fault"] for r in read_jsonl(tmp_path / "faults.jsonl")] == ["rollout2/hang@1", "rollout/kill@2"]
 
 
 def test_two_replicas_detect_and_repair_every_flip(tmp_path, clean):

@@ -24,8 +24,8 @@ The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
                       reject that checkpoint and resume from the one before)
       ckpt_bitflip    flip one bit in a file of the newest checkpoint, then SIGKILL
 
-  ROLE is `trainer` (default) or a rollout worker, `rolloutR` for worker rank R (GRPO: ranks
-  rl.trainers and up). A process injects its own role's faults; a rollout worker's kill and hang
+  ROLE is `trainer` (default) or a rollout worker: `rolloutR` for worker rank R (GRPO: ranks
+  rl.trainers and up), or `rollout` for the lowest-ranked live one. A process injects its own role's faults; a rollout worker's kill and hang
   are delivered by the trainer that owns it (SIGKILL, SIGSTOP: see FaultInjector.strike).
   A fault fires ONCE per run folder: it is appended to runs/NAME/faults.jsonl (fsynced) before it
   acts, and a restarted process skips every fault found there, so kill@37 cannot loop forever.
@@ -118,24 +118,26 @@ class Fault:
         return f"{self.role}/{self.kind}{':' + self.target if self.target else ''}@{self.step}"
 
 
-def parse_fault(text: str) -> Fault:
+def parse_fault(text: str, key: str = "resilience.faults") -> Fault:
     spec, at, step = text.strip().partition("@")
     role, _, kind_target = spec.rpartition("/")
     kind, _, target = kind_target.partition(":")
     usage = ("write [ROLE/]KIND[:TARGET]@STEP, e.g. kill@37 or bitflip:weight@80; kinds: "
-             + ", ".join(f"{k}[:{'|'.join(t)}]" if t[0] else k for k, t in KINDS.items()))
+             + ", ".join(f"{k}[:{'|'.join(t for t in targets if t)}]" if any(targets) else k
+                         for k, targets in KINDS.items()))
     if not at or not step.strip().isdigit():
-        raise ConfigError(f"bad fault '{text.strip()}' in resilience.faults; {usage}")
+        raise ConfigError(f"bad fault '{text.strip()}' in {key}; {usage}")
     if kind not in KINDS or (target or KINDS[kind][0]) not in KINDS[kind]:
-        raise ConfigError(f"unknown fault '{text.strip()}' in resilience.faults; {usage}")
+        raise ConfigError(f"unknown fault '{text.strip()}' in {key}; {usage}")
     if role and not (role.rstrip("0123456789").isalpha() and role.islower()):
         raise ConfigError(f"bad role '{role}' in fault '{text.strip()}'; roles look like trainer, rollout, rollout1")
     return Fault(kind, int(step), target or KINDS[kind][0], role or "trainer")
 
 
-def parse_schedule(text: str) -> list[Fault]:
-    """"kill@37,hang@50,nan@60" -> faults in step order (empty text: none)."""
-    faults = [parse_fault(part) for part in text.split(",") if part.strip()]
+def parse_schedule(text: str, key: str = "resilience.faults") -> list[Fault]:
+    """"kill@37,hang@50,nan@60" -> faults in step order (empty text: none); `key` names the config
+    key in error messages."""
+    faults = [parse_fault(part, key) for part in text.split(",") if part.strip()]
     return sorted(set(faults), key=lambda f: (f.step, f.key))
 
 
@@ -350,7 +352,12 @@ class FaultInjector:
     def strike(self, step: int, pids: dict[str, int]) -> None:
         """Other roles' kill and hang faults due at `step`, delivered from outside to their process
         (role -> pid): SIGKILL for kill, SIGSTOP for hang (frozen, as a hung chip leaves a worker).
-        For processes without injection points of their own, such as GRPO's rollout workers."""
+        For processes without injection points of their own, such as GRPO's rollout workers; role
+        "rollout" means the lowest-ranked one."""
+        workers = sorted((int(role.removeprefix("rollout")), pid) for role, pid in pids.items()
+                         if role.removeprefix("rollout").isdigit())
+        if workers:
+            pids = dict(pids, rollout=workers[0][1])
         for fault in self._take(step, "kill", "hang", roles=pids):
             self._fire(fault, step, pid=pids[fault.role])
             os.kill(pids[fault.role], signal.SIGKILL if fault.kind == "kill" else signal.SIGSTOP)

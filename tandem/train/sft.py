@@ -145,23 +145,32 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
     def reject(folder: Path, reason: str) -> None:
         incidents.record("checkpoint_rejected", int(folder.name[5:]), reason)
 
+    # Time spent in the steps of the run's surviving timeline, carried in checkpoints: steps redone
+    # after a crash or a rollback count once (goodput = useful_seconds / wall time, tandem chaos).
+    useful_seconds = 0.0
+
     def restore(folder: Path | None) -> int:
         """Load a checkpoint into every replica (None: the initial state); returns its step."""
+        nonlocal useful_seconds
         if folder is None:
             for model, optimizer in zip(models, optimizers):
                 model.reset_parameters(cfg.run.seed)
                 optimizer.state.clear()
             accel.manual_seed(cfg.run.seed)
             guard.reset()
-            step = 0
+            step, useful_seconds = 0, 0.0
         else:
             ckpt = load_checkpoint(folder)
             for i, (model, optimizer) in enumerate(zip(models, optimizers)):
                 model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
                 optimizer.load_state_dict(ckpt["optimizer"] if i == 0 else copy.deepcopy(ckpt["optimizer"]))
-            accel.set_rng_state(ckpt["train_state"]["rng"])
-            guard.load_state_dict(ckpt["train_state"]["guard"])
-            step = ckpt["train_state"]["step"]
+            state = ckpt["train_state"]
+            accel.set_rng_state(state["rng"])
+            if "guard" in state:
+                guard.load_state_dict(state["guard"])
+            else:  # a checkpoint from before the guard existed
+                guard.reset()
+            step, useful_seconds = state["step"], state.get("useful_seconds", 0.0)
         detector.forget()
         truncate_metrics(run_dir, "sft", step)
         return step
@@ -183,7 +192,7 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
         started = time.perf_counter()
         train_state = {"phase": "sft", "data_position": step * s.batch_size * s.grad_accum,
                        "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(),
-                       "guard": guard.state_dict()}
+                       "guard": guard.state_dict(), "useful_seconds": useful_seconds}
         (saver.save if saver is not None else save_checkpoint)(
             ckpt_root, step, models[0].checkpoint_state(), train_state, optimizers[0].state_dict(),
             extra_files={"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **tokenizer_files},
@@ -249,6 +258,7 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
             step_tokens = sum(b.tokens for b in micro)
             tokens_total += step_tokens
             busy_seconds += elapsed
+            useful_seconds += elapsed
             step += 1
             if step % s.log_every == 0 or step == s.steps:
                 append_metrics(run_dir, {"phase": "sft", "step": step, "loss": losses[0], "lr": lr,
@@ -274,4 +284,5 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
             "tokens_per_s": tokens_total / busy_seconds if busy_seconds else None,
             "flops": estimate_train_flops(models[0].config, tokens_total),
             "parameters": models[0].config.num_parameters(),
-            "checkpoint_seconds": checkpoint_seconds, "incidents": dict(incidents.counts)}
+            "useful_seconds": useful_seconds, "checkpoint_seconds": checkpoint_seconds,
+            "incidents": dict(incidents.counts)}
