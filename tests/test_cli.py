@@ -32,8 +32,10 @@ def test_inspect_json_matches_checkpoint(smoke_run):
     result = run_tandem("inspect", smoke_run, "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["step"] == 20 and len(data["fingerprint"]) == 64
-    assert data["fingerprint"] == load_model(smoke_run).info["fingerprint"]
+    assert (data["phase"], data["step"]) == ("rl", 3)  # a run's newest model: RL's last checkpoint
+    assert len(data["fingerprint"]) == 64 and data["fingerprint"] == load_model(smoke_run).info["fingerprint"]
+    sft = run_tandem("inspect", smoke_run / "checkpoints" / "sft" / "step_000020", "--json")
+    assert json.loads(sft.stdout)["step"] == 20
 
 
 def test_generate_and_chat(smoke_run):
