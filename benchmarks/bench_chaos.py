@@ -50,7 +50,7 @@ from tandem.model import weights_fingerprint  # noqa: E402
 from tandem.pipeline import build_tasks, ensure_tokenizer  # noqa: E402
 from tandem.runs import prepare_run  # noqa: E402
 from tandem.train.checkpoint import (AsyncCheckpointer, latest_valid, load_checkpoint, save_checkpoint,  # noqa: E402
-                                     verify_checkpoint)
+                                     to_host, verify_checkpoint)
 from tandem.train.resilience import read_jsonl  # noqa: E402
 from tandem.train.sft import train_sft  # noqa: E402
 
@@ -177,8 +177,8 @@ def section_hang(args, work: Path) -> str:
     detected = [i for i in run.incidents if i["kind"] == "hang"][0]
     latency = detected["time"] - hang["time"]
     body = table(["heartbeat timeout", "hang detected after", "within the timeout", "run finished"],
-                 [[f"{args.hang_timeout:.0f} s", f"{latency:.2f} s", f"**{'yes' if latency <= args.hang_timeout else 'NO'}**",
-                   "yes" if run.returncode == 0 else "NO"]])
+                 [[f"{args.hang_timeout:.0f} s", f"{latency:.2f} s",
+                   f"**{'yes' if latency <= args.hang_timeout else 'NO'}**", "yes" if run.returncode == 0 else "NO"]])
     return f"**5. Hang** (smoke, hang at step 7). Target: detected within the timeout.\n\n{body}"
 
 
@@ -247,7 +247,9 @@ def section_async(args, work: Path) -> str:
     stats, _ = train_in_process(work / "async", "tiny", [f"sft.steps={args.async_steps}", "sft.log_every=100"])
     step = stats["seconds"] / args.async_steps
     ckpt = load_checkpoint(latest_valid(work / "async" / "checkpoints" / "sft"))
-    state = (ckpt["model"], {k: v for k, v in ckpt["train_state"].items() if k != "optimizer"}, ckpt["optimizer"])
+    # to_host: copies in memory, as a training run's state is (load_checkpoint's tensors are mmap'd)
+    state = (to_host(ckpt["model"]), {k: v for k, v in ckpt["train_state"].items() if k != "optimizer"},
+             to_host(ckpt["optimizer"]))
     sync, blocked, written = [], [], []
     saver = AsyncCheckpointer()
     for i in range(args.saves):
@@ -276,7 +278,8 @@ def section_async(args, work: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="scaled down: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--quick", action="store_true",
+                        help="scaled down: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--steps", type=int, default=60, help="steps of each kill trial")
@@ -288,7 +291,8 @@ def main() -> None:
     parser.add_argument("--mtbfs", default="20,50")
     parser.add_argument("--async-steps", type=int, default=10, help="tiny steps timed for the checkpoint overhead")
     parser.add_argument("--saves", type=int, default=5, help="checkpoint saves timed each way")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: kills,grpo,flips,hang,goodput,async")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: kills,grpo,flips,checkpoints,hang,goodput,async")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-chaos"), help="scratch folder (emptied)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and docs/chaos_goodput.png")
     args = parser.parse_args()

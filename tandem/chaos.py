@@ -20,8 +20,9 @@ added to its config into OUT/chaos. The report:
     restarts          the supervisor's restarts
     goodput           useful step time / wall time, each job its own: useful step time is the time
                       spent in the steps of the final timeline (a step redone after a crash counts
-                      once; carried in checkpoints), wall time runs from the first attempt's start
-                      to the last one's end (interpreter start-up excluded)
+                      once; carried in checkpoints), wall time runs from the first step to the end
+                      of the last attempt (what comes before the first step, imports and tokenizer
+                      training, costs the same with or without faults and is left out)
     time lost         the job's wall time not spent in useful steps, minus the twin's
     final weights     SHA-256 fingerprints of both final checkpoints; identical unless the guard
                       skipped updates (a skipped update is a different, deliberate trajectory)
@@ -59,7 +60,7 @@ WORKER_DETECTED_BY = ("worker_fault",)  # any fault of a rollout worker (roles o
 class JobResult:
     folder: Path
     returncode: int
-    wall: float                        # seconds, first attempt start -> last attempt end
+    wall: float                        # seconds, first step of the first attempt -> end of the last attempt
     useful: float                      # seconds in the steps of the final timeline
     restarts: int
     fingerprint: str | None
@@ -79,7 +80,10 @@ def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: in
         returncode = subprocess.run(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT).returncode
     supervision = json.loads((folder / SUPERVISOR_FILE).read_text()) if (folder / SUPERVISOR_FILE).is_file() else {}
     attempts = supervision.get("attempts", [])
-    wall = attempts[-1]["ended"] - attempts[0]["started"] if attempts else time.time() - started
+    if attempts:
+        wall = attempts[-1]["ended"] - (attempts[0]["first_beat"] or attempts[0]["started"])
+    else:
+        wall = time.time() - started
     latest = latest_valid(folder / "checkpoints" / phase)
     final = load_checkpoint(latest) if latest else None
     stats = read_summary(folder).get(phase, {})
@@ -145,7 +149,10 @@ class ChaosReport:
         by = Counter(f["detected_by"] for f in self.detected)
         causes = [f"the guard skipped {self.chaos.skipped_updates} update(s)"] if self.chaos.skipped_updates else []
         causes += [f"{len(self.undetected)} fault(s) went undetected"] if self.undetected else []
-        verdict = "identical" if self.identical else f"differ ({'; '.join(causes)})" if causes else "DIFFER (unexplained)"
+        if self.identical:
+            verdict = "identical"
+        else:
+            verdict = f"differ ({'; '.join(causes)})" if causes else "DIFFER (unexplained)"
         rows = [("wall time", f"{d['twin_wall_s']:.1f} s", f"{d['chaos_wall_s']:.1f} s", ""),
                 ("restarts", "0", str(d["restarts"]), ""),
                 ("faults injected", "-", str(len(self.injected)), ", ".join(f"{k} {n}" for k, n in kinds.items())),

@@ -75,6 +75,7 @@ class Attempt:
     detail: str = ""               # "killed by SIGKILL", "exit status 1", "no heartbeat for 30.0 s"
     first_step: int | None = None  # first and last step it reported in a heartbeat
     last_step: int | None = None
+    first_beat: float | None = None  # when it started its first step
 
     @property
     def seconds(self) -> float:
@@ -195,7 +196,8 @@ def _watch(pid: int, attempt: Attempt, run_dir: Path, policy: Policy, poll: floa
         done, status = os.waitpid(pid, os.WNOHANG)
         beat = latest_heartbeat(run_dir, attempt.started)
         if beat is not None:
-            attempt.first_step, attempt.last_step = beat["first_step"], beat["step"]
+            attempt.first_step, attempt.first_beat = beat["first_step"], beat["first_time"]
+            attempt.last_step = beat["step"]
         if done:
             attempt.detected = time.time()
             return _outcome(status)
@@ -229,7 +231,7 @@ def _record(run_dir: Path, supervision: Supervision, attempt: Attempt) -> None:
             "attempt": attempt.number})
 
 
-def supervise(job: Callable[[], int], run_dir: str | Path, policy: Policy, poll: float = 0.1) -> Supervision:
+def supervise(job: Callable[[], int], run_dir: str | Path, policy: Policy, poll: float = 0.02) -> Supervision:
     """Run job() in forked children until one finishes (or the policy gives up)."""
     preload()
     run_dir = Path(run_dir)

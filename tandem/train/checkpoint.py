@@ -238,14 +238,14 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> dict:
             "train_state": train_state, "folder": folder}
 
 
-def _to_host(value):
+def to_host(value):
     """A private host-memory copy of a state (tensors copied, containers rebuilt, scalars shared)."""
     if torch.is_tensor(value):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
+        return {k: to_host(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(v) for v in value)
+        return type(value)(to_host(v) for v in value)
     return value
 
 
@@ -268,7 +268,7 @@ class AsyncCheckpointer:
     def save(self, root, step, model_state, train_state, optimizer_state=None, extra_files=None, keep=3,
              before_commit=None) -> None:
         self.wait()
-        args = (root, step, _to_host(model_state), _to_host(train_state), _to_host(optimizer_state),
+        args = (root, step, to_host(model_state), to_host(train_state), to_host(optimizer_state),
                 extra_files, keep, before_commit)
         self._thread = threading.Thread(target=self._write, args=args, name=f"checkpoint-{step}", daemon=True)
         self._thread.start()

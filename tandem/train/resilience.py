@@ -25,8 +25,9 @@ The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
       ckpt_bitflip    flip one bit in a file of the newest checkpoint, then SIGKILL
 
   ROLE is `trainer` (default) or a rollout worker: `rolloutR` for worker rank R (GRPO: ranks
-  rl.trainers and up), or `rollout` for the lowest-ranked live one. A process injects its own role's faults; a rollout worker's kill and hang
-  are delivered by the trainer that owns it (SIGKILL, SIGSTOP: see FaultInjector.strike).
+  rl.trainers and up), or `rollout` for the lowest-ranked live one. A process injects its own
+  role's faults; a rollout worker's kill and hang are delivered by the trainer that owns it
+  (SIGKILL, SIGSTOP: see FaultInjector.strike).
   A fault fires ONCE per run folder: it is appended to runs/NAME/faults.jsonl (fsynced) before it
   acts, and a restarted process skips every fault found there, so kill@37 cannot loop forever.
   Simplification: a fault that fired in a stretch of steps later lost to a crash is not replayed
@@ -219,13 +220,14 @@ class Heartbeat:
 
     def __init__(self, run_dir: Path, role: str = "trainer"):
         self.path = Path(run_dir) / f"heartbeat-{role}.json"
-        self.first_step: int | None = None
+        self.first: tuple[int, float] | None = None  # step and time of this process's first beat
 
     def beat(self, step: int, idle: bool = False) -> None:
-        self.first_step = step if self.first_step is None else self.first_step
+        now = time.time()
+        self.first = self.first or (step, now)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step, "first_step": self.first_step, "time": time.time(),
-                                   "pid": os.getpid(), "idle": idle}))
+        tmp.write_text(json.dumps({"step": step, "time": now, "first_step": self.first[0],
+                                   "first_time": self.first[1], "pid": os.getpid(), "idle": idle}))
         os.replace(tmp, self.path)
 
     def idle(self, step: int) -> None:
@@ -303,7 +305,8 @@ class FaultInjector:
     def from_config(cls, r, steps: int, run_dir: Path, role: str = "trainer") -> "FaultInjector":
         return cls(configured_faults(r, steps), run_dir, role, r.fault_seed)
 
-    def _take(self, step: int, *kinds: str, at_or_after: bool = False, roles: Iterable[str] | None = None) -> list[Fault]:
+    def _take(self, step: int, *kinds: str, at_or_after: bool = False,
+              roles: Iterable[str] | None = None) -> list[Fault]:
         """Unfired faults of these "kind:target"s and roles (default: this process's role) due at
         `step`, removed from the pending list."""
         roles = {self.role} if roles is None else set(roles)
@@ -480,7 +483,9 @@ class StepGuard:
         mean = sum(logs) / len(logs)
         std = max(STD_FLOOR, math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)))
         z = (math.log(grad_norm) - mean) / std
-        return f"gradient norm {grad_norm:.4g} is {z:.1f} std above the last {len(logs)} steps" if z > self.zscore else ""
+        if z <= self.zscore:
+            return ""
+        return f"gradient norm {grad_norm:.4g} is {z:.1f} std above the last {len(logs)} steps"
 
     def trouble_start(self, step: int) -> int:
         """First step of the skips that triggered a rollback at `step` (roll back to before it)."""
