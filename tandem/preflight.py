@@ -152,6 +152,12 @@ def preflight(model: str | Path, target: str, dtype: str | None = None, tp: int 
         f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv (GQA ratio "
         f"{c.num_attention_heads // c.num_key_value_heads}), vocab {c.vocab_size}, "
         f"context {c.max_position_embeddings}", "model config")
+    derived = c.hidden_size // c.num_attention_heads
+    if c.head_dim != derived:
+        add("head_dim_convention", "warn",
+            f"head_dim {c.head_dim} differs from hidden_size / num_attention_heads ({derived}); config.json says so "
+            "and transformers, vLLM and llama.cpp read it, but loaders that derive it build wrong shapes",
+            "NVIDIA/TensorRT-LLM#5913 (Qwen config derived head_dim, broke Qwen3-32B); vllm-project/speculators#134")
     for rule in t.get("rules", []):
         result = _rule(rule, facts, dtype, tp)
         if result is not None:

@@ -29,7 +29,7 @@ def _hf_like(tmp_path, **overrides):
     config = tiny_model_config(vocab_size=tok.vocab_size, **overrides)
     import torch
     folder = tmp_path / "m"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(hf_config(config, tok, torch.float32)))
     return folder
 
@@ -68,6 +68,11 @@ def test_vllm_rejects_a_head_dim_its_attention_cannot_run(tmp_path, capsys):
     assert "flash_attn.py" in head["source"]
     old = next(c for c in report["checks"] if c["check"] == "head_dim_in")
     assert old["status"] == "warn"   # older vLLM: a fixed list of head sizes
+    assert not any(c["check"] == "head_dim_convention" for c in report["checks"])
+    odd = _hf_like(tmp_path / "odd", hidden_size=64, head_dim=32)    # 4 heads x 32 != 64
+    from tandem.preflight import preflight
+    assert any(c["check"] == "head_dim_convention" and c["status"] == "warn"
+               for c in preflight(odd, "vllm")["checks"])
     text = run_tandem("preflight", "--model", folder, "--target", "vllm", capsys=capsys)
     assert text.returncode == 1 and "problem" in text.stdout and "source:" in text.stdout
 
