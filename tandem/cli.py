@@ -126,24 +126,28 @@ def cmd_sft(args) -> int:
     return 0
 
 
-def _run_tasks(model_path: str) -> list[str]:
-    """The tasks a run was trained on (from its config.json), else addition."""
+def _eval_tasks(model_path: str, names: list[str] | None):
+    """Tasks to evaluate, with the parameters the run was trained with (its config.json), so
+    `tandem eval` scores the same held-out split as the pipeline. Default: the run's tasks."""
     from pathlib import Path
+    from tandem.tasks import get_task
+    trained, params = ["addition"], {}
     for candidate in (Path(model_path), *Path(model_path).parents):
         config = candidate / "config.json"
         if config.is_file() and (candidate / "checkpoints").is_dir():
-            return json.loads(config.read_text())["data"]["tasks"]
-    return ["addition"]
+            data = json.loads(config.read_text())["data"]
+            trained, params = data["tasks"], data.get("task_params", {})
+            break
+    return [get_task(name, **params.get(name, {})) for name in (names or trained)]
 
 
 def cmd_eval(args) -> int:
     from tandem.evaluate import evaluate_task
     from tandem.infer.engine import Engine
     from tandem.loading import load_model
-    from tandem.tasks import get_task
     if args.n < 1:
         raise TandemError(f"--n must be >= 1, got {args.n}")
-    tasks = [get_task(name) for name in (args.task or _run_tasks(args.model))]
+    tasks = _eval_tasks(args.model, args.task)
     if args.backend:
         engine, tokenizer, info = open_for_command(args, args.batch_size)
     else:

@@ -93,6 +93,8 @@ class RLConfig:
     kl_coef: float = 0.0           # beta: k3 KL penalty to the frozen initial policy (0 = no reference)
     loss_norm: str = "dapo"        # grpo (per-sequence mean) | dapo (per-token) | dr_grpo (constant)
     scale_rewards: str = "group"   # advantage divisor: group std | batch std | none (Dr. GRPO)
+    filter_groups: bool = False    # drop groups whose rewards are all equal (zero advantage) from the
+                                   # update, as DAPO's dynamic sampling does (without its resampling)
     dtype: str = "fp32"            # trainer compute: fp32 | bf16 (autocast, fp32 master weights)
     device: str = ""               # trainer device ("" = run.device)
     threads: int = 0               # trainer torch threads (0 = run.threads)
@@ -264,9 +266,15 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         for section, values in data.items():
             _apply(cfg, section, values, str(path))
+        head_dim_given = isinstance(data.get("model"), dict) and "head_dim" in data["model"]
+    else:
+        head_dim_given = False
     for text in overrides:
         section, name, value = parse_override(text)
         _apply(cfg, section, {name: value}, "--set")
+        head_dim_given |= (section, name) == ("model", "head_dim")
+    if not head_dim_given:  # derived from the final width and head count, like HF's default
+        cfg.model.head_dim = cfg.model.hidden_size // max(1, cfg.model.num_attention_heads)
     validate(cfg)
     return cfg
 
