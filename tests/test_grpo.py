@@ -11,7 +11,8 @@ from tandem.runs import prepare_run, read_metrics, read_summary
 from tandem.tasks import TASKS
 from tandem.tasks.arithmetic import AdditionTask
 from tandem.train.checkpoint import latest_valid, load_checkpoint
-from tandem.train.grpo import build_batch, group_advantages, grpo_loss, mismatch, safe_reward, token_weights, train_grpo
+from tandem.train.grpo import (build_batch, group_advantages, grpo_loss, informative, mismatch, safe_reward,
+                               token_weights, train_grpo)
 
 # Two sequences of 2 and 1 completion tokens; advantages +1 and -1.
 LOGP = [-1.0, -2.0, -0.5]
@@ -80,6 +81,12 @@ def test_first_update_is_the_policy_gradient():
     weights = token_weights(LENGTHS, "grpo", 4)
     grpo_loss(logp, logp.detach(), torch.tensor(ADV), weights, clip_eps=0.2).loss.backward()
     assert logp.grad.tolist() == pytest.approx((-weights * torch.tensor(ADV)).tolist())
+
+
+def test_uniform_groups_are_filtered():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.1, 0.1, 0.1, 0.1])   # groups of 4: mixed, uniform
+    assert informative(rewards, 4) == [0, 1, 2, 3]
+    assert informative(torch.zeros(6), 3) == []
 
 
 def test_batch_layout_and_mismatch():

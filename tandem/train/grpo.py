@@ -37,6 +37,11 @@ Options and where they come from:
 * `updates_per_batch` (mu): optimizer steps on each batch (DeepSeekMath's mu). logp_old is the
   trainer's policy before the first of them, so with mu = 1 the ratio is exactly 1 and the clip
   never bites; the clip matters from the second update on.
+* `filter_groups`: DAPO's dynamic sampling (Yu et al. 2025) drops groups whose rewards are all
+  equal (all right or all wrong: zero advantage, no gradient) and resamples until the batch is full.
+  We drop them without resampling: the update runs on the informative groups only, which costs
+  less and, with a per-token normalisation, does not dilute the step with zero-advantage tokens.
+  The logged reward/accuracy still cover every sample; the mismatch covers the trained ones.
 * `tis_cap` (C): truncated importance sampling for the rollout/trainer mismatch (Yao et al. 2025,
   "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; truncation as in
   IMPALA's V-trace, Espeholt et al. 2018). The rollout workers sample from a policy that is not
@@ -106,6 +111,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     elif scale == "batch":
         centered = centered / (r.std() + eps)
     return centered.view(-1).float()
+
+
+def informative(rewards: torch.Tensor, group_size: int) -> list[int]:
+    """Indices of the samples whose group's rewards are not all equal (rl.filter_groups: a uniform
+    group has zero advantage everywhere and adds nothing to the gradient)."""
+    groups = rewards.view(-1, group_size)
+    mixed = (groups != groups[:, :1]).any(dim=1)
+    return [i for i in range(rewards.numel()) if mixed[i // group_size]]
 
 
 def token_weights(lengths: list[int], loss_norm: str, max_new_tokens: int) -> torch.Tensor:
@@ -431,33 +444,38 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                     correct += scored.correct
                     formatted += scored.format_ok
                 reward_t = torch.tensor(rewards)
-                shared = ([picked[i // G][2] for i in range(len(rewards))], [s["tokens"] for s in result.samples],
-                          [s["logprobs"] for s in result.samples], group_advantages(reward_t, G, r.scale_rewards))
+                advantages = group_advantages(reward_t, G, r.scale_rewards)
+                keep = informative(reward_t, G) if r.filter_groups else list(range(len(rewards)))
+                shared = ([picked[i // G][2] for i in keep], [result.samples[i]["tokens"] for i in keep],
+                          [result.samples[i]["logprobs"] for i in keep], advantages[keep])
             if group is not None:  # the leader's batch, to every trainer
                 box = [shared]
                 dist.broadcast_object_list(box, src=0, group=group, device=device)
                 shared = box[0]
             prompts, completions, logprobs, advantages = shared
+            n_seq = len(completions)
             batch = build_batch(prompts, completions, logprobs, advantages, r.loss_norm, r.max_new_tokens,
-                                tokenizer.pad_id, device)
+                                tokenizer.pad_id, device) if n_seq else None
 
             # Policy update: mu optimizer steps; with several trainers each takes a slice of the sequences.
             t_update = accel.timer(device)
             lr = lr_at(step, r.lr, r.warmup_steps, r.steps, 1.0)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
-            n_seq = len(completions)
             rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
             rows = list(range(rank * n_seq // world, (rank + 1) * n_seq // world))
-            stats, old, grad_norm = policy_update(model, reference, optimizer, batch, rows, r, amp_dtype, group,
-                                                  before_step=lambda: faults.mid_step(step) if leader else None)
+            if n_seq:
+                stats, old, grad_norm = policy_update(model, reference, optimizer, batch, rows, r, amp_dtype, group,
+                                                      before_step=lambda: faults.mid_step(step) if leader else None)
+            else:  # every group was uniform (filtered): nothing to learn from this batch
+                stats, old, grad_norm = {}, torch.zeros(0), 0.0
             update_seconds = accel.timer(device) - t_update
             done = step + 1
             if not leader:
                 if done == stop_after:
                     break
                 continue
-            gap = mismatch(old.float().cpu(), batch.logp_rollout.cpu())
+            gap = mismatch(old.float().cpu(), batch.logp_rollout.cpu() if n_seq else torch.zeros(0))
 
             sync = rollouts.publish(done, model.checkpoint_state())
             if following is None and done < r.steps:  # sync: batch k+1 with weights k+1
@@ -466,28 +484,31 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
             step_seconds = time.perf_counter() - t_step
 
             # Bookkeeping: ledger, totals, metrics, checkpoint.
-            update_tokens = batch.tokens * r.updates_per_batch
+            batch_tokens = batch.tokens if n_seq else 0
+            update_tokens = batch_tokens * r.updates_per_batch
             ledger.add("policy_update", trainer_kind, update_seconds * world, update_tokens,
                        estimate_train_flops(model_config, update_tokens)
-                       + (flops_fwd * batch.tokens if reference is not None else 0))
+                       + (flops_fwd * batch_tokens if reference is not None else 0))
             ledger.add("weight_sync", trainer_kind, sync["seconds"])
             for kind, seconds in result.sync_seconds.items():
                 ledger.add("weight_sync", kind, seconds)
             for kind, (seconds, tokens) in result.generate.items():
                 ledger.add("rollout", kind, seconds, tokens, flops_fwd * tokens)
-            for key, value in (("samples", n_seq), ("seconds", step_seconds), ("update_seconds", update_seconds),
+            n_samples = len(result.samples)
+            for key, value in (("samples", n_samples), ("seconds", step_seconds), ("update_seconds", update_seconds),
                                ("wait_seconds", wait_seconds), ("sync_seconds", sync["seconds"]),
                                ("sync_bytes", sync["bytes"]), ("reward_errors", step_errors)):
                 totals[key] += value
             if done % r.log_every == 0 or done == r.steps:
                 append_metrics(run_dir, {
-                    "phase": "rl", "step": done, "reward": float(reward_t.mean()), "accuracy": correct / n_seq,
-                    "format_rate": formatted / n_seq, "response_length": sum(batch.lengths) / n_seq, "lr": lr,
-                    "grad_norm": grad_norm, **stats, **gap, "samples_per_s": n_seq / step_seconds,
+                    "phase": "rl", "step": done, "reward": float(reward_t.mean()), "accuracy": correct / n_samples,
+                    "format_rate": formatted / n_samples, "trained_samples": n_seq, "lr": lr,
+                    "response_length": sum(len(s["tokens"]) for s in result.samples) / n_samples,
+                    "grad_norm": grad_norm, **stats, **gap, "samples_per_s": n_samples / step_seconds,
                     "step_seconds": step_seconds, "update_seconds": update_seconds, "wait_seconds": wait_seconds,
                     "sync_seconds": sync["seconds"], "sync_bytes": sync["bytes"], "weights_version": result.version,
                     "reward_errors": step_errors, "worker_faults": result.faults, "time": time.time()})
-            bar.update(1, reward=float(reward_t.mean()), acc=correct / n_seq, mismatch=gap["mismatch"])
+            bar.update(1, reward=float(reward_t.mean()), acc=correct / n_samples, mismatch=gap["mismatch"])
             if done % r.checkpoint_every == 0 or done == r.steps or done == stop_after:
                 checkpoint(done)
                 save_totals()
@@ -515,7 +536,7 @@ def policy_update(model: Transformer, reference: Transformer | None, optimizer, 
     batch, flat, gathered over the group; grad norm).
     """
     device = batch.input_ids.device
-    micro = r.micro_batch_size or len(rows)
+    micro = r.micro_batch_size or max(1, len(rows))
     subs = [batch.select(rows[i:i + micro]) for i in range(0, len(rows), micro)]
     total_tokens = max(1, batch.logp_rollout.numel())
     old, ref = [], []
@@ -541,18 +562,20 @@ def policy_update(model: Transformer, reference: Transformer | None, optimizer, 
                                        terms.tis_mean * share, terms.tis_capped * share], dtype=torch.float64)
         if group is not None:
             for p in params:
+                if p.grad is None:  # this rank had no sequences (fewer kept than trainers)
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, group=group)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip if r.grad_clip > 0 else float("inf"))
         if before_step is not None:
             before_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    old = torch.cat(old)
+    old = torch.cat(old) if old else torch.zeros(0, device=device)
     if group is not None:  # every rank's stats and logp_old, summed into place
         stats = stats.to(device)
         dist.all_reduce(stats, group=group)
         full = torch.zeros(total_tokens, device=device, dtype=old.dtype)
-        first = sum(batch.lengths[:rows[0]])
+        first = sum(batch.lengths[:rows[0]]) if rows else 0
         full[first:first + old.numel()] = old
         dist.all_reduce(full, group=group)
         old = full
