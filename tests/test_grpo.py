@@ -184,3 +184,28 @@ def test_sync_mode_is_deterministic_and_resumes_bitwise(tmp_path, init_model, te
     rewards = lambda run: [(m["step"], m["reward"], m["mismatch"]) for m in read_metrics(run, "rl")]  # noqa: E731
     assert rewards(tmp_path / "a") == rewards(tmp_path / "b")
     assert all(m["mismatch"] > 0 for m in read_metrics(tmp_path / "a", "rl"))  # bf16 worker vs fp32 trainer
+
+
+def test_the_pipeline_runs_grpo_between_two_evals(smoke_run):
+    """`tandem pipeline --preset smoke` (the shared CLI fixture): SFT -> eval "sft" -> GRPO -> eval "rl"."""
+    summary = read_summary(smoke_run)
+    assert set(summary["evals"]) >= {"sft", "rl"}
+    assert all({"accuracy", "format_rate"} <= set(result) for stage in ("sft", "rl")
+               for result in summary["evals"][stage].values())
+    assert summary["evals"]["sft"].keys() == summary["evals"]["rl"].keys()
+    assert summary["rl"]["steps"] == 3 and summary["rl"]["rollout"]["dtype"] == "bf16"
+    ledger = {(row["phase"], row["device_kind"]) for row in summary["ledger"]}
+    assert {("rollout", "cpu"), ("policy_update", "cpu"), ("weight_sync", "cpu"), ("sft", "cpu")} <= ledger
+    report = (smoke_run / "report.md").read_text()
+    for plot in ("rl_reward.png", "rl_accuracy.png", "rl_length.png", "rl_mismatch.png"):
+        assert f"(plots/{plot})" in report and (smoke_run / "plots" / plot).is_file()
+
+
+def test_rl_starts_from_an_hf_folder(tmp_path, init_model):
+    """--init may be an HF Llama folder (here the SFT model exported by tandem.export): same weights."""
+    from tandem.export import export_model
+    export_model(init_model, tmp_path / "hf", fmt="hf", progress=False)
+    stats = _rl(tmp_path / "run", tmp_path / "hf", ["rl.steps=1", "rollout.workers=0"])
+    sft = weights_fingerprint(load_checkpoint(latest_valid(init_model / "checkpoints" / "sft"))["model"])
+    assert stats["init"] == str(tmp_path / "hf") and stats["init_fingerprint"] == sft
+    assert latest_valid(tmp_path / "run" / "checkpoints" / "rl").name == "step_000001"

@@ -110,7 +110,8 @@ from tandem.model import ModelConfig, Transformer, weights_fingerprint
 from tandem.progress import log
 
 CHUNK = 4 << 20          # bytes per store value (the libuv TCPStore refuses messages over 8 MiB)
-POLL = 0.002             # seconds between polls of the store
+POLL = 0.004             # seconds between polls of the store for an answer or a job
+SLOW_POLL = 0.25         # seconds between checks for (re)started workers and refused weights
 KEEP_VERSIONS = 2        # weight versions kept published: async jobs use the previous one
 START_TIMEOUT = 120.0    # seconds a worker may take to start (python + torch imports, model build)
 
@@ -427,6 +428,7 @@ class WorkerPool:
         self.next_ticket = 0
         self.faults = {"died": 0, "hung": 0, "malformed": 0, "respawned": 0, "refused_weights": 0, "local_fallback": 0}
         self.events = 0                              # fault events since the last collect
+        self.last_slow_poll = 0.0
         self.fallback: Generator | None = None
         for rank in ranks:
             store.delete_key(f"fatal/{rank}")
@@ -474,17 +476,23 @@ class WorkerPool:
     # --- the poll loop ---
 
     def _poll(self) -> None:
+        """One round: new incarnations, dead or hung workers, answers, resends, dispatch. The store
+        is asked for an answer every call, about new incarnations and refusals every SLOW_POLL
+        seconds (or every call while a worker is starting): the store lives in this process and
+        polling it costs the trainer CPU."""
         now = time.monotonic()
+        slow = now - self.last_slow_poll > SLOW_POLL or any(w.state != "live" for w in self.workers.values())
         for worker in self.workers.values():
-            incarnation = self.store.add(f"hello/{worker.rank}", 0)
-            if incarnation > worker.incarnation:          # a (re)started worker is ready
-                if worker.outstanding:                     # its old incarnation's jobs are orphans
-                    self.queue.extendleft(reversed(worker.outstanding))
-                    worker.outstanding.clear()
-                worker.incarnation, worker.next_job, worker.state = incarnation, 0, "live"
-                worker.since = now
-            if worker.state == "starting" and self.store.check([f"fatal/{worker.rank}"]):
-                raise RolloutError(self.store.get(f"fatal/{worker.rank}").decode())
+            if slow:
+                incarnation = self.store.add(f"hello/{worker.rank}", 0)
+                if incarnation > worker.incarnation:          # a (re)started worker is ready
+                    if worker.outstanding:                     # its old incarnation's jobs are orphans
+                        self.queue.extendleft(reversed(worker.outstanding))
+                        worker.outstanding.clear()
+                    worker.incarnation, worker.next_job, worker.state = incarnation, 0, "live"
+                    worker.since = now
+                if worker.state == "starting" and self.store.check([f"fatal/{worker.rank}"]):
+                    raise RolloutError(self.store.get(f"fatal/{worker.rank}").decode())
             if worker.state == "failed":
                 continue
             if worker.proc is not None and worker.proc.poll() is not None:
@@ -495,7 +503,9 @@ class WorkerPool:
                 self._fail(worker, "hung", f"did not answer within rollout.timeout = {self.timeout:g}s")
             elif worker.outstanding:
                 self._take_answer(worker, now)
-        self._resend_refused()
+        if slow:
+            self._resend_refused()
+            self.last_slow_poll = now
         self._dispatch()
 
     def _take_answer(self, worker: _Worker, now: float) -> None:
