@@ -268,8 +268,16 @@ class AsyncCheckpointer:
     def save(self, root, step, model_state, train_state, optimizer_state=None, extra_files=None, keep=3,
              before_commit=None) -> None:
         self.wait()
-        args = (root, step, to_host(model_state), to_host(train_state), to_host(optimizer_state),
-                extra_files, keep, before_commit)
+        # Hundreds of small copies: one intra-op thread does them fastest (a parallel copy is a
+        # fork-join per tensor, and on a busy machine each join can wait ~ms for a descheduled
+        # thread: 470 ms against 10 ms for the tiny preset here). Copies are exact either way.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            args = (root, step, to_host(model_state), to_host(train_state), to_host(optimizer_state),
+                    extra_files, keep, before_commit)
+        finally:
+            torch.set_num_threads(threads)
         self._thread = threading.Thread(target=self._write, args=args, name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
 
