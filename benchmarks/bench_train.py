@@ -90,7 +90,13 @@ def main() -> None:
     body = table(["implementation", "median tokens/s", "ratio"],
                  [["tandem SFT step", f"{ours_rate:,.0f}", f"**{ours_rate / hf_rate:.2f}x**"],
                   ["transformers LlamaForCausalLM", f"{hf_rate:,.0f}", "1.00x"]])
-    body = f"{body}\n\n`tiny` preset model, {shape}; {environment(args.threads)}; {args.repeats} repeats x {args.steps} steps. Target: >= 1.5x."
+    ratio = ours_rate / hf_rate
+    verdict = "met" if ratio >= 1.5 else "MISSED"
+    body = (f"{body}\n\n`tiny` preset model, {shape}; {environment(args.threads)}; {args.repeats} repeats x "
+            f"{args.steps} steps, interleaved; load average {os.getloadavg()[0]:.1f} during the run. "
+            f"Target: >= 1.5x ({verdict}). At this size a step is compute-bound (matmuls are ~55% of it); "
+            "tandem saves only the work HF spends on logits of non-assistant positions, so the two are "
+            "about level. Closing the gap needs padding-free batches (not done yet).")
     print(body)
     if args.write:
         write_section("bench_train", "Training throughput vs transformers", body)
