@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tandem.errors import ModelError, TandemError
+from tandem.train.checkpoint import fsync_dir
 
 FORMATS = ("hf", "gguf")
 
@@ -50,14 +51,6 @@ def check_out(out: str | Path, force: bool) -> Path:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def staging(out: str | Path, force: bool):
     """Yield an empty hidden folder next to `out`; publish it as `out` if the block succeeds,
@@ -81,7 +74,7 @@ def staging(out: str | Path, force: bool):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

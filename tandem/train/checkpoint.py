@@ -40,7 +40,7 @@ from tandem.errors import CheckpointError
 MANIFEST = "manifest.json"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -132,11 +132,11 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # an uncommitted or corrupt leftover from an interrupted run
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep)
     return final
 
