@@ -73,7 +73,7 @@ class RLConfig:
                                    # instruct model that never saw <think>/<answer>); "" = none
     correctness_weight: float = 1.0  # reward = correctness_weight * correct + format_weight * format_ok
     format_weight: float = 0.1
-    temperature: float = 1.0       # rollout sampling temperature (> 0)
+    temperature: float = 1.0       # rollout sampling temperature (> 0; 1 keeps rollouts on-policy, grpo.py)
     top_p: float = 1.0             # rollout nucleus sampling (1 = off)
     max_new_tokens: int = 128      # completion length cap
     max_prompt_len: int = 128      # longer prompts are an error (raise this for long JSONL prompts)

@@ -59,6 +59,16 @@ step logs the mismatch between the two roles: mean |logp_train - logp_rollout| o
 tokens and a KL estimate, k3 of the rollout policy vs the trainer's (that is the "the model answers
 differently on the other chip" number, plus staleness in async mode).
 
+Sampling temperature (simplification). Rollouts sample at `rl.temperature` / `rl.top_p`, but the
+policy trained, the trainer's logprobs and the worker's logprobs are all of the raw logits
+(temperature 1: the engine returns raw-logit logprobs). With a temperature or top_p other than 1
+the samples come from a sharper or truncated policy than the one optimised, a bias the importance
+weight cannot see (TRL and verl instead train the tempered policy); the presets keep 1.0.
+
+Roles. Rollouts come from worker processes on their own device and dtype, fed with verified weights
+over the job's c10d store; several trainer ranks can train data-parallel under torchrun. All of
+that, and what happens when a worker dies, hangs or answers garbage, is in tandem/train/rollout.py.
+
 Rewards come from the task (tandem/tasks): correctness_weight * correct + format_weight *
 format_ok. A reward function that raises scores that sample 0; the error is counted, the first
 message of each kind logged, and training goes on.
@@ -394,7 +404,8 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     def rl_summary() -> dict:  # what summary.json records under "rl"
         return {"steps": r.steps, "resumed_from": start, "mode": r.mode, "device": str(device),
                 "device_kind": trainer_kind, "dtype": r.dtype,
-                "rollout": rollouts.describe() if rollouts is not None else {}, "init": str(init_path),
+                "rollout": rollouts.describe() if rollouts is not None else summary.get("rl", {}).get("rollout", {}),
+                "init": str(init_path),
                 "init_fingerprint": init_fingerprint, **totals,
                 "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
                 "worker_faults": worker_faults(), "parameters": model_config.num_parameters()}
