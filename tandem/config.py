@@ -108,7 +108,7 @@ class RLConfig:
 class RolloutConfig:
     """Rollout workers (tandem/train/rollout.py): the inference role, on its own device and dtype."""
     workers: int = 1               # rollout worker processes (0 = colocated: the trainer generates itself)
-    device: str = ""               # rollout device ("" = run.device), e.g. "npu" next to a cuda trainer
+    device: str = ""               # rollout device ("" = run.device), e.g. an Ascend device next to an NVIDIA trainer
     dtype: str = "fp32"            # rollout compute dtype: fp32 | bf16 | fp16
     threads: int = 1               # torch threads per worker process
     max_batch: int = 64            # engine KV-cache slots per worker (concurrent sequences)
