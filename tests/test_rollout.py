@@ -8,7 +8,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from conftest import run_tandem, tiny_model_config
 from tandem.config import load_config
@@ -190,8 +189,9 @@ def test_two_data_parallel_trainers_match_one(tmp_path):
                              "--master-port", str(port), "-m", "tandem.cli", "rl", "--init", str(init), "--out",
                              str(tmp_path / "two"), "--preset", "smoke", "--quiet", "--set", "rl.trainers=2",
                              *sum((["--set", o] for o in common), [])],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert launch.returncode == 0, launch.stderr[-2000:]
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})   # a crash shows its Python stack
+    assert launch.returncode == 0, launch.stderr[-3000:]
     a, b = (read_metrics(tmp_path / run, "rl") for run in ("one", "two"))
     assert [m["step"] for m in b] == [1, 2, 3] and a[0]["reward"] == b[0]["reward"]
     wa, wb = (load_checkpoint(latest_valid(tmp_path / run / "checkpoints" / "rl"))["model"] for run in ("one", "two"))

@@ -298,10 +298,10 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                stop_after: int | None = None) -> dict:
     """Run (or resume) GRPO in run_dir starting from `init` (a run, checkpoint or HF folder).
 
-    Returns the figures the summary records. stop_after: return right after step `stop_after` is
+    Returns the figures summary.json records under "rl" (the leader writes them). stop_after: return right after step `stop_after` is
     done and checkpointed, as if interrupted there (tests of exact resume use it).
     """
-    from tandem.train.rollout import join_trainers, start_rollouts
+    from tandem.train.rollout import join_trainers, leave_trainers, start_rollouts
 
     r = cfg.rl
     run_dir = Path(run_dir)
@@ -410,10 +410,19 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                 "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
                 "worker_faults": worker_faults(), "parameters": model_config.num_parameters()}
 
+    def finish() -> dict:
+        summary = rl_summary()
+        if leader:
+            save_totals()
+            update_summary(run_dir, rl=summary, parameters=summary["parameters"])
+        if group is not None:
+            leave_trainers(group)  # after the leader's last write: nothing is lost if a rank dies leaving
+        return summary
+
     if start == r.steps:  # nothing left to train (rl.steps = 0, or a rerun of a finished run)
         if latest is None and leader:
             checkpoint(r.steps)
-        return rl_summary()
+        return finish()
     if leader:
         rollouts = start_rollouts(cfg, model_config, tokenizer, run_dir, device)
     bar = Progress(r.steps, "rl", start=start, every=r.log_every, enabled=progress and leader)
@@ -531,9 +540,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     finally:
         if rollouts is not None:
             rollouts.close()
-    if leader:
-        save_totals()
-    return rl_summary()
+    return finish()
 
 
 def policy_update(model: Transformer, reference: Transformer | None, optimizer, batch: Batch, rows: list[int],
@@ -604,7 +611,5 @@ def run_rl_stage(cfg: Config, init: str | Path, out: str | Path, progress: bool 
     launched = torchrun_env()
     leader = launched is None or launched[0] == 0
     run_dir = prepare_run(out, cfg) if leader else Path(out)   # other trainer ranks wait for it
-    stats = train_grpo(cfg, run_dir, init, progress=progress)
-    if leader:
-        update_summary(run_dir, rl=stats, parameters=stats["parameters"])
+    train_grpo(cfg, run_dir, init, progress=progress)
     return run_dir

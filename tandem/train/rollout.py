@@ -248,8 +248,9 @@ def check_payload(payload, job: dict, vocab_size: int, max_new_tokens: int) -> s
     if len(samples) != len(job["requests"]):
         return f"{len(samples)} samples for {len(job['requests'])} requests"
     for i, sample in enumerate(samples):
-        tokens, logprobs = sample.get("tokens") if isinstance(sample, dict) else None, \
-            sample.get("logprobs") if isinstance(sample, dict) else None
+        if not isinstance(sample, dict):
+            return f"sample {i}: not an object"
+        tokens, logprobs = sample.get("tokens"), sample.get("logprobs")
         if not isinstance(tokens, list) or not isinstance(logprobs, list) or not tokens:
             return f"sample {i}: tokens/logprobs missing or empty"
         if len(tokens) > max_new_tokens or len(logprobs) != len(tokens):
@@ -679,6 +680,14 @@ def join_trainers(cfg) -> tuple[object | None, torch.device]:
     store = dist.PrefixStore("trainers", env_store(rank))
     dist.init_process_group(accel.dist_backend(device), store=store, rank=rank, world_size=cfg.rl.trainers)
     return dist.group.WORLD, device
+
+
+def leave_trainers(group) -> None:
+    """Wait until every trainer is done, then tear the group and the store connection down here and
+    now rather than in the interpreter's exit (where their threads may outlive the objects)."""
+    dist.barrier(group)
+    dist.destroy_process_group(group)
+    env_store.cache_clear()
 
 
 def check_devices(cfg) -> None:
