@@ -9,7 +9,7 @@ held-out greedy accuracy per task before RL (evals["sft"]) and after (evals["rl"
 decoding, and the wall time. Targets: the hardest task (lowest SFT accuracy) gains >= 10 points;
 the whole demo takes <= 15 minutes on 2 cores.
 
-modes and parity start from the SFT checkpoint of --init (default runs/bench/demo; trained with the
+modes and parity start from the newest SFT checkpoint of --init (default runs/bench/demo; trained with the
 tiny preset's SFT first if missing) and run the tiny preset's RL section with one change each:
 * modes: `rl.steps` steps (default 30) three times: async disaggregated (trainer and one bf16
   worker in separate processes, one torch thread each: two "devices"), sync colocated (one process,
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.runs import read_metrics, read_summary  # noqa: E402
+from tandem.train.checkpoint import latest_valid  # noqa: E402
 
 BENCH = ROOT / "runs" / "bench"
 
@@ -50,10 +51,16 @@ def tandem(*args) -> None:
 
 
 def ensure_sft(init: Path) -> Path:
+    """The newest SFT checkpoint of the run `init` (trained first if the run does not exist). Not
+    the run itself: after the demo, a run's newest checkpoint is its RL one, and RL must start
+    from the weights its "SFT accuracy" was measured on."""
     if not init.exists():
         print(f"no SFT run at {init}: training the tiny preset's SFT there first", flush=True)
         tandem("sft", "--preset", "tiny", "--out", init, "--quiet")
-    return init
+    checkpoint = latest_valid(init / "checkpoints" / "sft")
+    if checkpoint is None:
+        sys.exit(f"{init} has no committed SFT checkpoint; pass --init a run trained by `tandem sft`")
+    return checkpoint
 
 
 def rl_run(init: Path, name: str, overrides: list[str]) -> tuple[Path, dict]:
@@ -133,7 +140,7 @@ def part_modes(args) -> str:
 def part_parity(args) -> str:
     from tandem.pipeline import run_eval_stage
     init = ensure_sft(Path(args.init))
-    baseline = read_summary(init).get("evals", {}).get("sft")
+    baseline = read_summary(Path(args.init)).get("evals", {}).get("sft")
     runs = {"async, bf16 worker (the preset)": ["rl.mode=async", "rollout.dtype=bf16"],
             "sync, fp32 worker": ["rl.mode=sync", "rollout.dtype=fp32"]}
     rows, accuracy = [], {}

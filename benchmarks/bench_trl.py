@@ -2,7 +2,7 @@
 
     python benchmarks/bench_trl.py [--init runs/bench/demo] [--steps 20] [--threads 2] [--write]
 
-Both start from the same weights: tandem trains the newest checkpoint of --init, TRL its HF export
+Both start from the same weights: tandem trains the newest SFT checkpoint of --init, TRL its HF export
 (tandem.export: the same tensors, loaded by transformers.AutoModelForCausalLM). Same prompts in the
 same order (the tiny preset's RL task, its train stream), G = 8 samples for each of 8 prompts per
 step, <= 48 new tokens, temperature 1, same learning rate and AdamW betas, DAPO token-level loss,

@@ -1,6 +1,6 @@
 """The `tandem` command.
 
-    tandem pipeline --preset tiny --out runs/demo     tokenizer -> SFT -> eval -> report
+    tandem pipeline --preset tiny --out runs/demo     SFT -> eval -> GRPO -> eval -> export + gate -> report
     tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
     tandem rl       --init runs/s --out runs/r        GRPO with rollout workers (tandem/cli_rl.py)
     tandem eval     --model runs/demo [--task addition] [--json]
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pipeline", help="tokenizer -> SFT -> eval -> report, on one preset")
+    p = sub.add_parser("pipeline", help="SFT -> eval -> GRPO -> eval -> export + parity gate -> report, on one preset")
     _add_config_args(p)
     p = sub.add_parser("sft", help="supervised fine-tuning (resumes in the same --out)")
     _add_config_args(p)
