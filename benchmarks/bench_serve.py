@@ -6,7 +6,8 @@
 Starts the real server (`python -m tandem.cli serve`) in a subprocess on a free loopback port
 and drives it from this process with asyncio + httpx: each level sends a fixed number of
 streaming chat requests (stream_options.include_usage, `ignore_eos` so every request generates
-exactly --max-tokens tokens) through that many concurrent clients. Per level: token throughput
+exactly --max-tokens tokens) through that many concurrent clients (one httpx client, so one
+keep-alive connection, each). Per level: token throughput
 (completion tokens / wall time of the level), time to first token (request sent -> first chunk
 carrying text) and inter-token latency (per request: (last text chunk - first) / (tokens - 1), as
 vLLM's TPOT; single chunk gaps say little once the server sends waiting tokens in one write and
@@ -20,8 +21,9 @@ three ratios is the continuous-batching speed-up, target >= 4x (alternating roun
 shared machine from favouring either side). For reference the same ratio is measured for the
 Engine alone (generate() on the same prompts, no HTTP): the ceiling the server can approach. When llama_cpp is
 installed, the model is exported to GGUF and llama-cpp-python's own OpenAI-compatible server
-(`python -m llama_cpp.server`) takes the same 1- and 32-client levels (it has no ignore_eos, so
-the end-of-turn token is suppressed with logit_bias instead); otherwise that row says why it is
+(`python -m llama_cpp.server`, with --interrupt_requests false: by default a new request cuts the
+running stream short) takes the same 1- and 32-client levels (it has no ignore_eos, so the
+end-of-turn token is suppressed with logit_bias instead); otherwise that row says why it is
 missing. The server gets --threads torch threads (default 1); the load generator is this one
 Python process, on the other core. Everything is bounded: about 750 requests, about a minute.
 """
@@ -118,7 +120,8 @@ def start_llamacpp(model: str, threads: int, tmp: Path) -> tuple[subprocess.Pope
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(config.max_position_embeddings),
-                             "--n_threads", str(threads), "--chat_format", "chatml"],
+                             "--n_threads", str(threads), "--chat_format", "chatml",
+                             "--interrupt_requests", "false"],      # queue concurrent requests, don't cut them off
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/v1/models", proc)
@@ -195,11 +198,16 @@ async def run_level(url: str, model: str, clients: int, requests: int, max_token
         while not queue.empty():
             await one_request(client, url, queue.get_nowait(), level, exact)
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    # One httpx client (one keep-alive connection) per simulated client: a shared pool of N connections
+    # costs the load generator O(N^2) bookkeeping per request (httpcore), which a server should not be
+    # charged for. verify=False: plain http on loopback, no CA certificates to load N times.
+    pool = [httpx.AsyncClient(timeout=120, verify=False) for _ in range(clients)]
+    try:
         started = time.perf_counter()
-        await asyncio.gather(*[worker(client) for _ in range(clients)])
+        await asyncio.gather(*[worker(client) for client in pool])
         level.wall = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*[client.aclose() for client in pool])
     return level
 
 

@@ -190,6 +190,17 @@ def test_text_stream_stop_strings(tok):
     assert stream.stopped and out + stream.flush() == REPLY[:REPLY.index("= 19")]
 
 
+def test_text_stream_cuts_at_the_first_stop_string(tok):
+    from tandem.infer.server import TextStream
+    ids, rng = tok.encode(REPLY), random.Random(0)
+    for _ in range(200):
+        a = rng.randrange(len(REPLY))
+        stop = REPLY[a:a + rng.randrange(1, 6)]
+        stream = TextStream(tok, ["never", stop])
+        out = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert stream.stopped and out == REPLY[:REPLY.find(stop)], stop
+
+
 def test_reasoning_splitter_any_split_equals_whole():
     from tandem.infer.server import ReasoningSplitter, split_reasoning
     assert split_reasoning(REPLY) == (THINKING, ANSWER)
@@ -307,6 +318,37 @@ def test_stop_strings(memo):
     c = client.completions.create(model="memo", prompt=[tok_prompt(memo)], max_tokens=60, temperature=0, stop="✓")
     assert c.choices[0].text == REPLY[:REPLY.index("✓")] and c.choices[0].finish_reason == "stop"
     assert memo.wait_idle()["tandem_requests_running"] == 0
+
+
+def test_a_stream_that_falls_behind_gets_coalesced_chunks(memo, tok):
+    """Tokens that pile up while the handler cannot run (here: the event loop held) go out as
+    fewer, larger chunks, one field each, that add up to the same text, usage and logprobs."""
+    loop = memo.server.servers[0].get_loop()
+
+    def text_deltas(hold: bool) -> list[tuple[str, str]]:
+        stream = memo.client().chat.completions.create(model="memo", messages=MESSAGES, temperature=0, stream=True,
+                                                       logprobs=True, stream_options={"include_usage": True})
+        chunks = [next(stream)]                              # the role chunk: generation is under way
+        if hold:
+            loop.call_soon_threadsafe(time.sleep, 0.2)       # hold the event loop; the engine thread goes on
+        chunks += list(stream)
+        deltas = [(getattr(c.choices[0].delta, "reasoning_content", None) or "", c.choices[0].delta.content or "")
+                  for c in chunks if c.choices]
+        deltas = [d for d in deltas if any(d)]
+        assert all(not (r and c) for r, c in deltas)
+        assert ("".join(r for r, _ in deltas), "".join(c for _, c in deltas)) == (THINKING, ANSWER)
+        tokens = chunks[-1].usage.completion_tokens
+        assert tokens == len(tok.encode(REPLY)) + 1
+        logprobs = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert len(logprobs) == tokens and b"".join(bytes(e.bytes) for e in logprobs[:-1]).decode() == REPLY
+        return deltas
+
+    memo.slow_down(0.01)                                     # the reply's ~50 tokens take >= 0.5 s
+    try:
+        free, held = text_deltas(hold=False), text_deltas(hold=True)
+    finally:
+        memo.state.engine_loop.engine.__dict__.pop("step", None)
+    assert len(held) <= len(free) - 5                        # a chunk carried the text of many tokens
 
 
 def tok_prompt(server) -> str:

@@ -16,12 +16,16 @@ the model loads or the server stops, 500 only if generation itself fails.
 How a request flows. The handler (asyncio) validates the body, renders the ChatML prompt, and
 turns each of the `n` choices into a `Job`. ONE background thread owns the engine: it takes jobs
 and cancellations from a thread-safe inbox between decode steps, runs `engine.step()` while there
-is work, and hands every step's new tokens back to the event loop in one `call_soon_threadsafe`.
-Each choice detokenizes incrementally (`TextStream`: multi-byte characters split across BPE
-tokens come out whole), checks stop strings on the decoded text, and, for chat, routes the text
-through `ReasoningSplitter`. A client that disconnects cancels its jobs, which frees their cache
-slots before the next step. Admission is bounded: at most max_batch running + max_queue waiting
-sequences (an n=4 request counts 4); beyond that the answer is an immediate 429.
+is work, and hands every step's new tokens back to the event loop in one `call_soon_threadsafe`,
+which appends them to each request's inbox and wakes its handler once. The handler takes all
+that has arrived: each choice detokenizes incrementally (`TextStream`: multi-byte characters split
+across BPE tokens come out whole), checks stop strings on the decoded text, and, for chat, routes
+the text through `ReasoningSplitter`; a stream then writes one chunk per choice (per run of
+reasoning or content: a delta carries one of the two), so tokens that piled up while the handler
+was behind (the engine thread and the event loop share one GIL) go out coalesced; usage and
+logprobs still count every token. A client that disconnects cancels its jobs, which frees their
+cache slots before the next step. Admission is bounded: at most max_batch running + max_queue
+waiting sequences (an n=4 request counts 4); beyond that the answer is an immediate 429.
 
 Reasoning (DeepSeek's convention). Chat replies carry the model's thinking separately: text
 inside <think>…</think> goes to `reasoning_content`, everything else to `content`; the four tags
@@ -75,6 +79,8 @@ from tandem.reasoning import REASONING_TAGS, THINK_CLOSE, THINK_OPEN
 log = logging.getLogger("tandem.serve")
 WEB = Path(__file__).resolve().parent / "web"
 MAX_STOPS = 16
+DONE = "data: [DONE]\n\n"                                # the last event of every stream
+_json = json.JSONEncoder(ensure_ascii=False).encode    # json.dumps(obj, ensure_ascii=False), one encoder
 _ID_PREFIX, _ids = uuid.uuid4().hex[:16], itertools.count()    # response ids: unique per server, cheap
 
 
@@ -194,33 +200,29 @@ class TextStream:
     def __init__(self, tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer.tokenizer, stops
         self.decoder = DecodeStream(skip_special_tokens=True)
-        self.text = ""                    # all text decoded so far (cut at a stop string)
-        self.sent = 0                     # characters of text already released
+        self.held = ""                    # decoded, not released: it could start a stop string
         self.stopped = False
 
     def push(self, token_id: int) -> str:
+        """The text this token releases. Work per token is bounded by the longest stop string:
+        a stop string can only begin inside the held text, so only that is searched."""
         if self.stopped:
             return ""
-        piece = self.decoder.step(self.tok, token_id)
-        if piece:
-            self.text += piece
-        return self._release(final=False)
+        piece = self.decoder.step(self.tok, token_id) or ""
+        if not self.stops:
+            return piece
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return text[:min(hits)]
+        keep = len(text) - _held(text, self.stops)
+        self.held = text[keep:]
+        return text[:keep]
 
     def flush(self) -> str:
         """The held-back rest, at the end of the generation."""
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stops and not self.stopped:
-            longest = max(map(len, self.stops))
-            start = max(0, self.sent - longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text)
-        if self.stops and not final and not self.stopped:
-            end -= _held(self.text, self.stops)
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        out, self.held = self.held, ""
         return out
 
 
@@ -329,11 +331,11 @@ class TokenInfo:
 
 class Job:
     """One sequence (one choice of one HTTP request), shared by the event loop and the engine thread."""
-    __slots__ = ("prompt", "params", "index", "events", "loop", "state", "rid", "done")
+    __slots__ = ("prompt", "params", "index", "run", "loop", "state", "rid", "done")
 
-    def __init__(self, prompt, params, index, events, loop, state):
+    def __init__(self, prompt, params, index, run, loop, state):
         self.prompt, self.params, self.index = prompt, params, index
-        self.events, self.loop, self.state = events, loop, state
+        self.run, self.loop, self.state = run, loop, state
         self.rid: int | None = None      # the engine's request id (engine thread only)
         self.done = False                # finished, failed or cancelled (event loop only)
 
@@ -442,12 +444,12 @@ class EngineLoop:
 
 
 def _put_events(items) -> None:
-    """Queue each event for its request; a sequence's last event also frees its admission slot
-    here, so the count stays right even if no handler ever reads the queue (a stream whose
+    """Post each event to its request; a sequence's last event also frees its admission slot
+    here, so the count stays right even if no handler ever reads the events (a stream whose
     client left before its first byte)."""
     for job, event in items:
         if not job.done:
-            job.events.put_nowait((job.index, event))
+            job.run.post(job.index, event)
             if isinstance(event, APIError) or event[0].finished:
                 job.release()
 
@@ -794,9 +796,9 @@ class EventStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         watcher = asyncio.create_task(self.run._watch(receive))
         try:
-            async for text in self.run.stream(self.include_usage):
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async for text in self.run.stream(self.include_usage):      # the last one ends with [DONE]
+                await send({"type": "http.response.body", "body": text.encode(),
+                            "more_body": not text.endswith(DONE)})
         except _ClientGone:
             pass
         finally:
@@ -804,7 +806,7 @@ class EventStream(Response):
 
 
 def _data(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {_json(obj)}\n\n"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -822,7 +824,9 @@ class Choice:
         self.run, self.index, self.job = run, index, job
         self.stream = TextStream(run.state.tokenizer, run.stops)
         self.splitter = ReasoningSplitter() if run.chat else None
-        self.reasoning = self.content = ""     # everything released so far
+        self.pieces: list[tuple[bool, str]] = []   # the text released so far, in order: (is reasoning, text)
+        self.streamed = 0                          # pieces already sent as deltas
+        self.finish_sent = False
         self.tokens = 0
         self.logprobs: list = []               # one entry per token, in the endpoint's format
         self.sent_lp = 0                       # entries already streamed
@@ -830,8 +834,8 @@ class Choice:
         self.finish_reason: str | None = None
         self.t_last: float | None = None
 
-    def on_token(self, out: StepOutput, now: float) -> tuple[str, str]:
-        """Account one token; returns the (reasoning, content) text it released."""
+    def on_token(self, out: StepOutput, now: float) -> None:
+        """Account one token: counts, logprobs, and the text it released (appended to `pieces`)."""
         metrics = self.run.state.metrics
         metrics.counters["generation_tokens_total"] += 1
         if self.t_last is None:
@@ -853,9 +857,24 @@ class Choice:
             reasoning, content = "", text
         else:
             reasoning, content = self.splitter.push(text, final=self.finish_reason is not None)
-        self.reasoning += reasoning
-        self.content += content
-        return reasoning, content
+        if reasoning:
+            self.pieces.append((True, reasoning))
+        if content:
+            self.pieces.append((False, content))
+
+    def text(self, reasoning: bool = False) -> str:
+        """All the reasoning (or content) released so far."""
+        return "".join(text for is_reasoning, text in self.pieces if is_reasoning == reasoning)
+
+    def take_deltas(self) -> list[tuple[bool, str]]:
+        """The pieces not streamed yet, consecutive ones of a kind joined: (is reasoning, text)."""
+        deltas: list[tuple[bool, list[str]]] = []
+        for is_reasoning, text in self.pieces[self.streamed:]:
+            if not deltas or deltas[-1][0] != is_reasoning:
+                deltas.append((is_reasoning, []))
+            deltas[-1][1].append(text)
+        self.streamed = len(self.pieces)
+        return [(is_reasoning, "".join(parts)) for is_reasoning, parts in deltas]
 
     def _logprob(self, out: StepOutput):
         info = self.run.state.token_info
@@ -899,7 +918,8 @@ class Run:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{_ID_PREFIX}{next(_ids):08x}"
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.inbox: list = []                 # (choice index, event) posted and not taken yet
+        self.wakeup: asyncio.Future | None = None
         kind = "chat.completion.chunk" if chat else "text_completion"
         self._head = (f'data: {{"id": "{self.id}", "object": "{kind}", "created": {self.created}, '
                       f'"model": {json.dumps(state.config.name)}, "choices": [')
@@ -909,7 +929,7 @@ class Run:
             for i in range(n):
                 seeded = p if p.seed is None or i == 0 else \
                     SamplingParams(**{**p.__dict__, "seed": (p.seed + i) % 2**63})
-                job = Job(prompt, seeded, len(self.choices), self.events, loop, state)
+                job = Job(prompt, seeded, len(self.choices), self, loop, state)
                 self.choices.append(Choice(self, len(self.choices), job))
         self.open = total                     # choices without a finish_reason yet
         state.inflight += total
@@ -930,37 +950,46 @@ class Run:
     def unfinished(self) -> bool:
         return self.open > 0
 
-    async def next(self) -> tuple[Choice, str, str]:
-        """The next token of any choice: (choice, reasoning released, content released).
-        Raises the APIError of a sequence that failed."""
-        while True:
-            taken = self._take(*await self.events.get())
-            if taken is not None:
-                return taken
+    def post(self, index: int, event) -> None:
+        """An event for choice `index` (event loop only): (StepOutput, time), an APIError, or the
+        client-gone sentinel (index -1). Wakes the handler if it waits."""
+        self.inbox.append((index, event))
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
 
-    def _take(self, index: int, event) -> tuple[Choice, str, str] | None:
+    async def take(self) -> None:
+        """Wait for events and account every one posted so far: one engine step's tokens, or
+        several steps' when this handler fell behind. Raises the APIError of a sequence that
+        failed, or _ClientGone."""
+        while not self.inbox:
+            self.wakeup = asyncio.get_running_loop().create_future()
+            await self.wakeup
+        events, self.inbox = self.inbox, []
+        for index, event in events:
+            self._take(index, event)
+
+    def _take(self, index: int, event) -> None:
         if index < 0:
             raise _ClientGone()
         choice = self.choices[index]
         if choice.finish_reason is not None:          # a token queued before a stop string ended it
-            return None
+            return
         if isinstance(event, APIError):
             choice.job.release()
             raise event
         out, now = event
-        reasoning, content = choice.on_token(out, now)
+        choice.on_token(out, now)
         if choice.finish_reason is not None:
             self.open -= 1
             if not out.finished:                      # ended by a stop string: free its slot now
                 self.engine_loop.cancel(choice.job)
             choice.job.release()
-        return choice, reasoning, content
 
     async def _watch(self, receive) -> None:
-        """Wake `next()` (with a sentinel event) when the client goes away."""
+        """Wake `take()` (with the sentinel event) when the client goes away."""
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.events.put_nowait((-1, None))
+        self.post(-1, None)
 
     def usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)
@@ -973,7 +1002,7 @@ class Run:
         watcher = asyncio.create_task(self._watch(request.receive))
         try:
             while self.unfinished():
-                await self.next()
+                await self.take()
         except _ClientGone:
             return JSONResponse(error_body("the client disconnected", "invalid_request_error"), 499)
         except APIError as exc:
@@ -983,10 +1012,10 @@ class Run:
             self.cancel()
         if self.chat:
             choices = [{"index": c.index, "finish_reason": c.finish_reason, "logprobs": c.take_logprobs(),
-                        "message": {"role": "assistant", "content": c.content, "reasoning_content": c.reasoning}}
+                        "message": {"role": "assistant", "content": c.text(), "reasoning_content": c.text(True)}}
                        for c in self.choices]
         else:
-            choices = [{"index": c.index, "text": c.content, "finish_reason": c.finish_reason,
+            choices = [{"index": c.index, "text": c.text(), "finish_reason": c.finish_reason,
                         "logprobs": c.take_logprobs()} for c in self.choices]
         return JSONResponse({"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                              "created": self.created, "model": self.state.config.name, "choices": choices,
@@ -996,47 +1025,51 @@ class Run:
 
     def _chunk(self, choice: dict | None, usage_field: str) -> str:
         """One SSE event (the fixed part of the envelope is formatted once per request)."""
-        return self._head + (json.dumps(choice, ensure_ascii=False) if choice else "") + "]" + usage_field + "}\n\n"
+        return self._head + (_json(choice) if choice else "") + "]" + usage_field + "}\n\n"
 
-    def _token_events(self, choice: Choice, reasoning: str, content: str, usage_field: str) -> list[str]:
-        """The events for one token of one choice: its text (if it released any), then the finish."""
+    def _choice_events(self, choice: Choice, usage_field: str) -> list[str]:
+        """The events for a choice's text released since its last events (one chunk per run of
+        reasoning or content: a delta carries one field), then its finish once it has one."""
         body = "delta" if self.chat else "text"
         out = []
-        if reasoning or content:
-            if self.chat:
-                text = {"reasoning_content": reasoning} if reasoning else {}
-                if content:
-                    text["content"] = content
-            else:
-                text = content
-            out.append(self._chunk({"index": choice.index, body: text, "logprobs": choice.take_logprobs(),
+        for is_reasoning, text in choice.take_deltas():
+            delta = {"reasoning_content" if is_reasoning else "content": text} if self.chat else text
+            out.append(self._chunk({"index": choice.index, body: delta, "logprobs": choice.take_logprobs(),
                                     "finish_reason": None}, usage_field))
-        if choice.finish_reason is not None:
+        if choice.finish_reason is not None and not choice.finish_sent:
+            choice.finish_sent = True
             out.append(self._chunk({"index": choice.index, body: {} if self.chat else "",
                                     "logprobs": choice.take_logprobs(), "finish_reason": choice.finish_reason},
                                    usage_field))
         return out
 
     async def stream(self, include_usage: bool):
-        """SSE events. Events already waiting are sent in one write (under load, fewer syscalls
-        and no added latency: nothing is held back once the queue is empty)."""
+        """SSE events, one write per wake-up. The tokens that piled up for a choice since its
+        last chunk go out as one chunk (their text concatenated, their logprobs together): a
+        handler that falls behind the engine sends fewer, larger chunks instead of falling
+        further behind, and nothing is held back once it has caught up."""
         usage_field = ', "usage": null' if include_usage else ""
         pending = [self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}, usage_field) for c in self.choices] if self.chat else []
         failed = False
         try:
             while self.unfinished():
-                if pending and (self.events.empty() or len(pending) >= 64):
+                if pending:
                     yield "".join(pending)
                     pending = []
+                error = None
                 try:
-                    pending += self._token_events(*await self.next(), usage_field)
+                    await self.take()
                 except APIError as exc:         # the stream has started: report in-band, then end it
-                    pending.append(_data(error_body(exc.message, exc.type, exc.param, exc.code)))
+                    error = exc
+                for choice in self.choices:
+                    pending += self._choice_events(choice, usage_field)
+                if error is not None:
+                    pending.append(_data(error_body(error.message, error.type, error.param, error.code)))
                     failed = True
                     break
             if include_usage and not failed:
-                pending.append(self._chunk(None, f', "usage": {json.dumps(self.usage())}'))
-            yield "".join(pending) + "data: [DONE]\n\n"
+                pending.append(self._chunk(None, f', "usage": {_json(self.usage())}'))
+            yield "".join(pending) + DONE
         finally:
             self.cancel()
