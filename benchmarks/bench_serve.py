@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo --write    # also update BENCHMARKS.md
 
 Starts the real server (`python -m tandem.cli serve`) in a subprocess on a free loopback port
-and drives it from this process with asyncio + httpx: each level sends a fixed number of
-streaming chat requests (stream_options.include_usage, `ignore_eos` so every request generates
-exactly --max-tokens tokens) through that many concurrent clients (one httpx client, so one
-keep-alive connection, each). Per level: token throughput
+and drives it from this process with asyncio: each level sends a fixed number of streaming chat
+requests (stream_options.include_usage, `ignore_eos` so every request generates exactly
+--max-tokens tokens) through that many concurrent clients, each one keep-alive connection of a
+minimal HTTP/1.1 client (`Connection`: httpx made the load generator use 2-4x the CPU, which the
+server on the same two cores then lacked). Per level: token throughput
 (completion tokens / wall time of the level), time to first token (request sent -> first chunk
 carrying text) and inter-token latency (per request: (last text chunk - first) / (tokens - 1), as
 vLLM's TPOT; single chunk gaps say little once the server sends waiting tokens in one write and
@@ -43,6 +44,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -136,18 +139,57 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, level: Level, exact: bool) -> None:
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON and yields the response body as it
+    arrives (chunked or not): just what the load generator needs, on asyncio streams."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict) -> tuple[int, AsyncIterator[bytes]]:
+        """(status, the body's pieces); read the pieces to the end before the next request."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-type: application/json"
+                          f"\r\ncontent-length: {len(data)}\r\n\r\n".encode() + data)
+        status, *lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines if line)}
+        return int(status.split()[1]), self._body(headers)
+
+    async def _body(self, headers: dict) -> AsyncIterator[bytes]:
+        if headers.get("transfer-encoding") == "chunked":
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                yield (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readuntil(b"\r\n")                      # the end of the (empty) trailer
+        else:
+            yield await self.reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def one_request(conn: Connection, body: dict, level: Level, exact: bool) -> None:
     """One streamed chat request; records its timings, or counts it lost / malformed."""
     sent = time.perf_counter()
     stamps: list[float] = []
     usage, finish, done = None, None, False
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
+        async with asyncio.timeout(120):
+            status, pieces = await conn.post("/v1/chat/completions", body)
+            if status != 200:
+                conn.close()
                 level.lost += 1
                 return
             buffer = b""
-            async for data in response.aiter_raw():      # raw bytes, split by hand: a cheap client
+            async for data in pieces:                     # raw bytes, split by hand: a cheap client
                 *events, buffer = (buffer + data).replace(b"\r\n", b"\n").split(b"\n\n")
                 now = time.perf_counter()
                 for line in (line for event in events for line in event.split(b"\n")):
@@ -166,10 +208,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, level: Le
                             stamps.append(now)
                         finish = choice.get("finish_reason") or finish
             done = done and not buffer.strip()
-    except (httpx.HTTPError, OSError):
+    except (OSError, EOFError, TimeoutError):             # incl. a connection closed mid-response
+        conn.close()
         level.lost += 1
         return
-    except (ValueError, KeyError, AttributeError):       # bad JSON or not the OpenAI chunk shape
+    except (ValueError, KeyError, IndexError, AttributeError, asyncio.LimitOverrunError):   # not HTTP/SSE/OpenAI
+        conn.close()
         level.malformed += 1
         return
     tokens = usage["completion_tokens"] if usage else len(stamps)
@@ -194,20 +238,16 @@ async def run_level(url: str, model: str, clients: int, requests: int, max_token
     for body in bodies:
         queue.put_nowait(body)
 
-    async def worker(client):
-        while not queue.empty():
-            await one_request(client, url, queue.get_nowait(), level, exact)
+    async def worker(conn: Connection):
+        try:
+            while not queue.empty():
+                await one_request(conn, queue.get_nowait(), level, exact)
+        finally:
+            conn.close()
 
-    # One httpx client (one keep-alive connection) per simulated client: a shared pool of N connections
-    # costs the load generator O(N^2) bookkeeping per request (httpcore), which a server should not be
-    # charged for. verify=False: plain http on loopback, no CA certificates to load N times.
-    pool = [httpx.AsyncClient(timeout=120, verify=False) for _ in range(clients)]
-    try:
-        started = time.perf_counter()
-        await asyncio.gather(*[worker(client) for client in pool])
-        level.wall = time.perf_counter() - started
-    finally:
-        await asyncio.gather(*[client.aclose() for client in pool])
+    started = time.perf_counter()
+    await asyncio.gather(*[worker(Connection(url)) for _ in range(clients)])
+    level.wall = time.perf_counter() - started
     return level
 
 
