@@ -73,10 +73,27 @@ Rewards come from the task (tandem/tasks): correctness_weight * correct + format
 format_ok. A reward function that raises scores that sample 0; the error is counted, the first
 message of each kind logged, and training goes on.
 
+Unstable hardware (tandem/train/resilience.py), as in SFT. Each optimizer step (mu per batch) is
+vetted before it is applied. Injected data faults strike (resilience.faults): a nan/inf loss in the
+forward pass; nan/inf/spike/bitflip gradients after the gradient all-reduce, on one trainer rank;
+bitflip:weight at the start of a step. Every resilience.check_every steps the corruption detector
+votes on weight and gradient fingerprints all-gathered over the trainer ranks: a rank outvoted is
+repaired by a broadcast from a healthy one (with 2 ranks the weights' tie is broken by the
+fingerprint recorded after the last update, the gradients' by a recomputation on every rank), and
+no majority rolls back. A single trainer is checked as SFT's single replica is: its gradients
+against a recomputation, its weights against that recorded fingerprint (a mismatch rolls back).
+The guard skips an update whose loss or gradient norm is not finite or spikes (`skipped` in
+metrics.jsonl, an incident in incidents.jsonl) and rolls back to the last RL checkpoint after
+resilience.rollback_after skips. A rollback restores every rank from that checkpoint and restarts
+the rollouts there: the batches of abandoned steps are waited out and thrown away, and the restored
+weights are published again under their step's version. GRPO's replicas are its trainer ranks
+(resilience.replicas is SFT's in-process replication).
+
 Resume. RL checkpoints go to runs/NAME/checkpoints/rl/ (weights, AdamW moments, step, data
-position = step x prompts_per_step, every RNG state, and the init checkpoint the reference model
-comes from). In sync mode a resumed run is bitwise identical to an uninterrupted one: rollouts
-depend only on (weights, step, prompt index, sample index) through per-request sampling seeds.
+position = step x prompts_per_step, every RNG state, the guard's state, and the init checkpoint the
+reference model comes from). In sync mode a resumed run is bitwise identical to an uninterrupted
+one: rollouts depend only on (weights, step, prompt index, sample index) through per-request
+sampling seeds.
 In async mode the first batch after a resume is generated with the checkpoint's weights rather
 than the one-step-older weights an uninterrupted run would have used (those are not in the
 checkpoint), so async resume is exact from the second step on, not bitwise.
@@ -102,8 +119,9 @@ from tandem.model import Transformer, estimate_train_flops, weights_fingerprint
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
-from tandem.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
-from tandem.train.resilience import FaultInjector, Heartbeat, Incidents
+from tandem.train.checkpoint import discard_newer, latest_valid, load_checkpoint, save_checkpoint
+from tandem.train.resilience import (CorruptionDetector, FaultInjector, Heartbeat, Incidents, RankCorruptionDetector,
+                                     StepGuard)
 from tandem.train.sft import build_optimizer, example_for, lr_at
 
 # -----------------------------------------------------------------------------------------------
@@ -298,8 +316,9 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                stop_after: int | None = None) -> dict:
     """Run (or resume) GRPO in run_dir starting from `init` (a run, checkpoint or HF folder).
 
-    Returns the figures summary.json records under "rl" (the leader writes them). stop_after: return right after step `stop_after` is
-    done and checkpointed, as if interrupted there (tests of exact resume use it).
+    Returns the figures summary.json records under "rl" (the leader writes them). stop_after: return
+    right after step `stop_after` is done and checkpointed, as if interrupted there (tests of exact
+    resume use it).
     """
     from tandem.train.rollout import join_trainers, leave_trainers, start_rollouts
 
@@ -307,7 +326,8 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     run_dir = Path(run_dir)
     accel.set_threads(r.threads or cfg.run.threads)
     group, device = join_trainers(cfg)            # group: None for a single trainer
-    leader = group is None or dist.get_rank(group) == 0
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    leader = rank == 0
     amp_dtype = accel.resolve_dtype(r.dtype, device)
     ckpt_root = run_dir / "checkpoints" / "rl"
     latest = latest_valid(ckpt_root)
@@ -332,34 +352,76 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
         tokenizer.save(tokenizer_dir)
     tasks = rl_tasks(cfg)
 
+    # Unstable hardware (train/resilience.py), as in SFT: a heartbeat per step for the supervisor;
+    # injected faults (the trainer's own, data faults on one trainer rank, and rollout workers'
+    # kills and hangs delivered to their processes); the guard; the corruption detector, whose
+    # replicas are the trainer ranks (one rank: checked against a recomputation); the rollout faults
+    # the worker pool handled, logged as incidents. Every trainer rank takes the same decisions;
+    # the leader alone writes them down.
+    faults = FaultInjector.from_config(cfg.resilience, r.steps, run_dir, rank=rank, ranks=world)
+    heartbeat, incidents = Heartbeat(run_dir), Incidents(run_dir, write=leader)
+    guard = StepGuard.from_config(cfg.resilience)
+    detector = (RankCorruptionDetector(cfg.resilience.check_every, incidents, group, device) if group is not None
+                else CorruptionDetector(cfg.resilience.check_every, incidents))
+
+    # Time spent in the steps of the run's surviving timeline, carried in checkpoints: steps redone
+    # after a crash or a rollback count once (goodput, tandem chaos). The totals count every step run.
+    useful_seconds = 0.0
+
+    def restore(ckpt: dict | None) -> int:
+        """Trainer state as of an RL checkpoint, or of the start of RL (None); returns its step."""
+        nonlocal useful_seconds
+        if ckpt is None:
+            model.load_checkpoint_state({k: v.to(device) for k, v in load_weights(init_path)[1].items()})
+            optimizer.state.clear()
+            accel.manual_seed(cfg.run.seed)
+            guard.reset()
+            step, useful_seconds = 0, 0.0
+        else:
+            model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
+            optimizer.load_state_dict(ckpt["optimizer"])
+            state = ckpt["train_state"]
+            accel.set_rng_state(state["rng"])
+            if "guard" in state:
+                guard.load_state_dict(state["guard"])
+            else:  # a checkpoint from before GRPO had a guard
+                guard.reset()
+            step, useful_seconds = state["step"], state.get("useful_seconds", 0.0)
+        detector.forget()
+        if leader:
+            truncate_metrics(run_dir, "rl", step)
+        return step
+
+    def rollback(step: int, at_most: int) -> int:
+        """Back to the newest valid RL checkpoint of step <= at_most, on every rank (the leader
+        discards the newer ones); returns its step."""
+        folder = latest_valid(ckpt_root, at_most=at_most)
+        back_to = restore(load_checkpoint(folder) if folder is not None else None)
+        if leader:
+            discard_newer(ckpt_root, back_to)
+        guard.rolled_back(step)
+        incidents.record("rollback", step, f"resuming from step {back_to}")
+        return back_to
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_root, step, model.checkpoint_state(),
+                        {"phase": "rl", "data_position": step * r.prompts_per_step, "init": str(init_path),
+                         "init_fingerprint": init_fingerprint, "rng": accel.get_rng_state(),
+                         "guard": guard.state_dict(), "useful_seconds": useful_seconds},
+                        optimizer.state_dict(),
+                        extra_files={"model_config.json": json.dumps(model_config.to_dict()).encode(),
+                                     **{n: tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}},
+                        keep=r.keep_checkpoints, before_commit=faults.before_commit(step))
+
     start = 0
     if resumed:
-        model.load_checkpoint_state({k: v.to(device) for k, v in resumed["model"].items()})
-        optimizer.load_state_dict(resumed["optimizer"])
-        accel.set_rng_state(resumed["train_state"]["rng"])
-        start = resumed["train_state"]["step"]
+        start = restore(resumed)
         if leader:
-            truncate_metrics(run_dir, "rl", start)
             log(f"resuming GRPO from {latest} (step {start})")
     else:
         accel.manual_seed(cfg.run.seed)
         if leader:
             log(f"GRPO from {init_path} ({init_info.get('kind')}, fingerprint {init_fingerprint[:12]})")
-
-    # Unstable hardware (train/resilience.py): a heartbeat per step for the supervisor, injected
-    # faults (the trainer's own, and rollout workers' kills and hangs delivered to their processes),
-    # and the rollout faults the worker pool handled, logged as incidents.
-    faults, heartbeat, incidents = (FaultInjector.from_config(cfg.resilience, r.steps, run_dir),
-                                    Heartbeat(run_dir), Incidents(run_dir))
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_root, step, model.checkpoint_state(),
-                        {"phase": "rl", "data_position": step * r.prompts_per_step, "init": str(init_path),
-                         "init_fingerprint": init_fingerprint, "rng": accel.get_rng_state()},
-                        optimizer.state_dict(),
-                        extra_files={"model_config.json": json.dumps(model_config.to_dict()).encode(),
-                                     **{n: tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}},
-                        keep=r.keep_checkpoints, before_commit=faults.before_commit(step))
 
     # The prompts of step k: prompts_per_step examples of the RL tasks, round-robin, from position
     # k * prompts_per_step of the train stream (so the data position is the step).
@@ -408,7 +470,8 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                 "init": str(init_path),
                 "init_fingerprint": init_fingerprint, **totals,
                 "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
-                "worker_faults": worker_faults(), "parameters": model_config.num_parameters()}
+                "useful_seconds": useful_seconds, "worker_faults": worker_faults(), "incidents": dict(incidents.counts),
+                "parameters": model_config.num_parameters()}
 
     def finish() -> dict:
         summary = rl_summary()
@@ -425,20 +488,65 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
         return finish()
     if leader:
         rollouts = start_rollouts(cfg, model_config, tokenizer, run_dir, device)
+
+    def rewind(step: int, tickets: list[int]) -> int:
+        """(Re)start the rollouts at `step`, the weights being that step's: wait out the batches
+        still coming for an abandoned timeline, publish the weights as version `step` and ask for
+        batch `step` (in async mode too: as after a resume, it is generated with weights `step`)."""
+        for ticket in tickets:
+            rollouts.collect(ticket)
+        sync = rollouts.publish(step, model.checkpoint_state())
+        ledger.add("weight_sync", trainer_kind, sync["seconds"])
+        totals["push_bytes"] = sync["bytes"]      # the same every push: one model in the rollout dtype
+        return submit(step, step)
+
+    def train_on(update: PolicyUpdate, step: int) -> tuple[float, int, int | None]:
+        """The batch's rl.updates_per_batch optimizer steps, each vetted as an SFT step is (injected
+        faults, the corruption detector, the guard). Returns (the last gradient norm, the updates
+        skipped, None or the step to roll back to at most)."""
+        grad_norm, skipped = 0.0, 0
+        for _ in range(r.updates_per_batch):
+            losses = [update.accumulate()]
+
+            def recompute(_replica: int) -> None:  # the detector's tie-break (every rank runs it)
+                losses[0] = update.accumulate()
+
+            if leader:
+                faults.mid_step(step)
+            faults.corrupt_grads(step, [model])
+            if detector.check_grads(step, [model], losses, recompute):
+                return grad_norm, skipped, detector.last_good
+            grad_norm = update.clip()
+            verdict = guard.check(step, losses[0], grad_norm)
+            if verdict.action != "update":
+                incidents.record("skip", step, verdict.reason)
+                skipped += 1
+            if verdict.action == "rollback":
+                return grad_norm, skipped, guard.trouble_start(step)
+            if verdict.action == "update":
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return grad_norm, skipped, None
+
     bar = Progress(r.steps, "rl", start=start, every=r.log_every, enabled=progress and leader)
     try:
         if leader:
-            sync = rollouts.publish(start, model.checkpoint_state())
-            ledger.add("weight_sync", trainer_kind, sync["seconds"])
-            totals["push_bytes"] = sync["bytes"]      # the same every push: one model in the rollout dtype
-            pending = submit(start, start)
-        for step in range(start, r.steps):
+            pending = rewind(start, [])
+        step = start
+        while step < r.steps:
             t_step = time.perf_counter()
             shared = None
             if leader:
                 heartbeat.beat(step)
                 faults.start_of_step(step, checkpoints=ckpt_root)
                 faults.strike(step, rollouts.pids())
+            faults.corrupt_weights(step, [model])
+            if detector.check_weights(step, [model], [optimizer]):
+                step = rollback(step, detector.last_good)
+                if leader:
+                    pending = rewind(step, [pending])
+                continue
+            if leader:
                 following = None
                 if r.mode == "async" and step + 1 < r.steps:  # batch k+1 is generated with weights k
                     following = submit(step + 1, step)
@@ -474,23 +582,30 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                 shared = box[0]
             prompts, completions, logprobs, advantages = shared
             n_seq = len(completions)
-            batch = build_batch(prompts, completions, logprobs, advantages, r.loss_norm, r.max_new_tokens,
-                                tokenizer.pad_id, device) if n_seq else None
 
-            # Policy update: mu optimizer steps; with several trainers each takes a slice of the sequences.
+            # Policy update; with several trainers each takes a slice of the sequences.
             t_update = accel.timer(device)
             lr = lr_at(step, r.lr, r.warmup_steps, r.steps, 1.0)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
-            rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-            rows = list(range(rank * n_seq // world, (rank + 1) * n_seq // world))
-            if n_seq:
-                stats, old, grad_norm = policy_update(model, reference, optimizer, batch, rows, r, amp_dtype, group,
-                                                      before_step=lambda: faults.mid_step(step) if leader else None)
-            else:  # every group was uniform (filtered): nothing to learn from this batch
-                stats, old, grad_norm = {}, torch.zeros(0), 0.0
+            stats, old, grad_norm, skipped, back_to = {}, torch.zeros(0), 0.0, 0, None
+            if n_seq:  # else every group was uniform (filtered): nothing to learn from this batch
+                batch = build_batch(prompts, completions, logprobs, advantages, r.loss_norm, r.max_new_tokens,
+                                    tokenizer.pad_id, device)
+                rows = list(range(rank * n_seq // world, (rank + 1) * n_seq // world))
+                update = PolicyUpdate(model, reference, batch, rows, r, amp_dtype, group,
+                                      lambda loss: faults.corrupt_loss(step, loss))
+                grad_norm, skipped, back_to = train_on(update, step)
+                if back_to is None:
+                    stats, old = update.stats(), update.logp_old()
+            if back_to is not None:
+                step = rollback(step, back_to)
+                if leader:
+                    pending = rewind(step, [following] if following is not None else [])
+                continue
+            detector.remember_weights(step + 1, [model])
             update_seconds = accel.timer(device) - t_update
-            done = step + 1
+            step = done = step + 1
             if not leader:
                 if done == stop_after:
                     break
@@ -502,8 +617,10 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                 following = submit(done, done)
             pending = following
             step_seconds = time.perf_counter() - t_step
+            useful_seconds += step_seconds
 
-            # Bookkeeping: ledger, totals, metrics, checkpoint.
+            # Bookkeeping: ledger, totals, metrics, checkpoint. Work redone after a rollback counts
+            # again here (it was spent); the metrics of the abandoned steps are dropped.
             batch_tokens = batch.tokens if n_seq else 0
             update_tokens = batch_tokens * r.updates_per_batch
             ledger.add("policy_update", trainer_kind, update_seconds * world, update_tokens,
@@ -524,8 +641,9 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
                     "phase": "rl", "step": done, "reward": float(reward_t.mean()), "accuracy": correct / n_samples,
                     "format_rate": formatted / n_samples, "trained_samples": n_seq, "lr": lr,
                     "response_length": sum(len(s["tokens"]) for s in result.samples) / n_samples,
-                    "grad_norm": grad_norm, **stats, **gap, "samples_per_s": n_samples / step_seconds,
-                    "step_seconds": step_seconds, "update_seconds": update_seconds, "wait_seconds": wait_seconds,
+                    "grad_norm": grad_norm, "skipped": skipped, **stats, **gap,
+                    "samples_per_s": n_samples / step_seconds, "step_seconds": step_seconds,
+                    "update_seconds": update_seconds, "wait_seconds": wait_seconds,
                     "sync_seconds": sync["seconds"], "sync_bytes": sync["bytes"], "weights_version": result.version,
                     "reward_errors": step_errors, "worker_faults": result.faults, "time": time.time()})
             bar.update(1, reward=float(reward_t.mean()), acc=correct / n_samples, mismatch=gap["mismatch"])
@@ -543,61 +661,86 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     return finish()
 
 
-def policy_update(model: Transformer, reference: Transformer | None, optimizer, batch: Batch, rows: list[int],
-                  r, amp_dtype, group=None, before_step=None) -> tuple[dict, torch.Tensor, float]:
-    """rl.updates_per_batch optimizer steps on `batch`, this trainer computing the sequences `rows`
-    in micro-batches. With a trainer group (data parallel) each rank has its own rows and the
-    gradients are summed over the group: the token weights c_t are global, so the sum is the
-    full batch's gradient and every rank takes the same step.
-
-    Returns (loss stats of the last update, summed over the group; logp_old of every sequence of the
-    batch, flat, gathered over the group; grad norm).
+class PolicyUpdate:
+    """The gradient computations of one batch on this trainer: one per optimizer step
+    (rl.updates_per_batch), plus any recomputation the corruption detector asks for. This trainer
+    computes the sequences `rows` in micro-batches; with a trainer group (data parallel) each rank
+    has its own rows and the gradients are summed over the group: the token weights c_t are global,
+    so the sum is the full batch's gradient and every rank takes the same step.
     """
-    device = batch.input_ids.device
-    micro = r.micro_batch_size or max(1, len(rows))
-    subs = [batch.select(rows[i:i + micro]) for i in range(0, len(rows), micro)]
-    total_tokens = max(1, batch.logp_rollout.numel())
-    old, ref = [], []
-    keys = ("loss", "clip_frac", "kl_ref", "tis_mean", "tis_capped")
-    stats = torch.zeros(len(keys), dtype=torch.float64)
-    params = list({id(p): p for p in model.parameters()}.values())
-    for update in range(r.updates_per_batch):
-        last = update == r.updates_per_batch - 1
-        for c, sub in enumerate(subs):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                logp = token_logprobs(model, sub)
-                if update == 0:  # the policy before this batch's updates is logp_old
-                    old.append(logp.detach())
-                    if reference is not None:
+
+    KEYS = ("loss", "clip_frac", "kl_ref", "tis_mean", "tis_capped")
+
+    def __init__(self, model: Transformer, reference: Transformer | None, batch: Batch, rows: list[int], r,
+                 amp_dtype, group=None, corrupt_loss=lambda loss: loss):
+        self.model, self.reference, self.batch, self.rows, self.r = model, reference, batch, rows, r
+        self.amp_dtype, self.group, self.corrupt_loss = amp_dtype, group, corrupt_loss
+        micro = r.micro_batch_size or max(1, len(rows))
+        self.subs = [batch.select(rows[i:i + micro]) for i in range(0, len(rows), micro)]
+        self.params = list({id(p): p for p in model.parameters()}.values())
+        self.old: list[torch.Tensor] = []   # per micro-batch: logp_old, the policy before this batch's updates
+        self.ref: list[torch.Tensor] = []   # per micro-batch: the reference's logprobs (kl_coef > 0)
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
+
+    def accumulate(self) -> float:
+        """Fresh gradients of the batch's loss at the current weights (forward and backward over
+        this trainer's rows, then the all-reduce); returns the batch's loss (over the group)."""
+        self.model.zero_grad(set_to_none=True)
+        device = self.batch.input_ids.device
+        total_tokens = max(1, self.batch.logp_rollout.numel())
+        sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        for c, sub in enumerate(self.subs):
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                logp = token_logprobs(self.model, sub)
+                if c == len(self.old):  # the first pass over the batch: the weights are still logp_old's
+                    self.old.append(logp.detach())
+                    if self.reference is not None:
                         with torch.no_grad():
-                            ref.append(token_logprobs(reference, sub))
-            terms = grpo_loss(logp, old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
-                              sub.logp_rollout, r.tis_cap, ref[c] if ref else None, r.kl_coef)
-            terms.loss.backward()
-            if last:  # per-token stats weighted by this micro-batch's share of the batch's tokens
-                share = logp.numel() / total_tokens
-                stats += torch.tensor([float(terms.loss.detach()), terms.clip_frac * share, terms.kl_ref * share,
-                                       terms.tis_mean * share, terms.tis_capped * share], dtype=torch.float64)
-        if group is not None:
-            for p in params:
+                            self.ref.append(token_logprobs(self.reference, sub))
+            r = self.r
+            terms = grpo_loss(logp, self.old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
+                              sub.logp_rollout, r.tis_cap, self.ref[c] if self.ref else None, r.kl_coef)
+            loss = self.corrupt_loss(terms.loss)
+            loss.backward()
+            share = logp.numel() / total_tokens  # per-token stats weighted by the micro-batch's share
+            sums += torch.tensor([float(loss.detach()), terms.clip_frac * share, terms.kl_ref * share,
+                                  terms.tis_mean * share, terms.tis_capped * share], dtype=torch.float64)
+        if self.group is not None:
+            for p in self.params:
                 if p.grad is None:  # this rank had no sequences (fewer kept than trainers)
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=group)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip if r.grad_clip > 0 else float("inf"))
-        if before_step is not None:
-            before_step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    old = torch.cat(old) if old else torch.zeros(0, device=device)
-    if group is not None:  # every rank's stats and logp_old, summed into place
-        stats = stats.to(device)
-        dist.all_reduce(stats, group=group)
-        full = torch.zeros(total_tokens, device=device, dtype=old.dtype)
-        first = sum(batch.lengths[:rows[0]]) if rows else 0
+                dist.all_reduce(p.grad, group=self.group)
+            sums = sums.to(device)
+            dist.all_reduce(sums, group=self.group)
+        self.sums = sums.cpu()
+        return float(self.sums[0])
+
+    def clip(self) -> float:
+        """Clip the gradients to rl.grad_clip; returns their norm before clipping, as the guard
+        reads it: averaged over the group (equal on healthy ranks; a NaN or a spike on one rank
+        reaches every rank's guard, which must decide alike)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.r.grad_clip if self.r.grad_clip > 0 else float("inf"))
+        if self.group is None:
+            return float(norm)
+        norm = norm.double()
+        dist.all_reduce(norm, group=self.group)
+        return float(norm) / dist.get_world_size(self.group)
+
+    def stats(self) -> dict:
+        """Loss stats of the last computation, summed over the group."""
+        return dict(zip(self.KEYS, self.sums.tolist()))
+
+    def logp_old(self) -> torch.Tensor:
+        """logp_old of every sequence of the batch, flat, gathered over the group."""
+        device = self.batch.input_ids.device
+        old = torch.cat(self.old) if self.old else torch.zeros(0, device=device)
+        if self.group is None:
+            return old
+        full = torch.zeros(self.batch.logp_rollout.numel(), device=device, dtype=old.dtype)
+        first = sum(self.batch.lengths[:self.rows[0]]) if self.rows else 0
         full[first:first + old.numel()] = old
-        dist.all_reduce(full, group=group)
-        old = full
-    return dict(zip(keys, stats.tolist())), old, float(grad_norm)
+        dist.all_reduce(full, group=self.group)
+        return full
 
 
 def run_rl_stage(cfg: Config, init: str | Path, out: str | Path, progress: bool = True) -> Path:

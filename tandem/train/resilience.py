@@ -4,7 +4,7 @@ guard, silent-corruption detection, heartbeats and the run folder's fault and in
     tandem sft --preset smoke --out runs/x --supervise --set resilience.faults="kill@7,nan@12"
     tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,bitflip:grad@15
 
-The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
+Both trainers (train/sft.py, train/grpo.py) call the same hooks and use five pieces:
 
 * FaultInjector: injects the faults of a schedule, `[ROLE/]KIND[:TARGET]@STEP` joined by commas,
   or random ones at a mean time between faults (resilience.mtbf, seeded):
@@ -27,7 +27,10 @@ The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
   ROLE is `trainer` (default) or a rollout worker: `rolloutR` for worker rank R (GRPO: ranks
   rl.trainers and up), or `rollout` for the lowest-ranked live one. A process injects its own
   role's faults; a rollout worker's kill and hang are delivered by the trainer that owns it
-  (SIGKILL, SIGSTOP: see FaultInjector.strike).
+  (SIGKILL, SIGSTOP: see FaultInjector.strike). A data fault (nan, inf, spike, bitflip) hits one
+  replica of the model, drawn from the fault's seed: one of SFT's in-process replicas, or the model
+  of one GRPO trainer rank (rl.trainers > 1), where a gradient fault strikes after the gradient
+  all-reduce (a NaN/inf loss before it, so the all-reduce spreads it to every rank).
   A fault fires ONCE per run folder: it is appended to runs/NAME/faults.jsonl (fsynced) before it
   acts, and a restarted process skips every fault found there, so kill@37 cannot loop forever.
   Simplification: a fault that fired in a stretch of steps later lost to a crash is not replayed
@@ -39,18 +42,26 @@ The trainer (train/sft.py; GRPO calls the same hooks) uses five pieces:
   `guard_window` accepted steps). `rollback_after` skips within the window roll back to the last
   checkpoint from before the trouble; if trouble recurs while replaying those steps it is not
   transient, so the guard only skips. Its window and every decision are checkpointed
-  (train_state.json), so a resumed run decides exactly like an uninterrupted one.
+  (train_state.json), so a resumed run decides exactly like an uninterrupted one. GRPO asks it once
+  per optimizer step (rl.updates_per_batch of them per batch); its trainer ranks feed it the loss
+  and the gradient norm agreed over the group, so every rank decides alike.
 
 * CorruptionDetector: every `check_every` steps, compares fingerprints of the weights and of the
   gradients (an integer checksum per tensor, computed on the device: any single flipped bit changes
   it) across replicas, and with one replica against a recomputation of the same step. A vote finds
   the bad replica (weights: against the fingerprint recorded after the previous update; gradients:
   against a recomputation), which is repaired from a healthy one; with no majority the trainer
-  rolls back to the last checkpoint. Simplification: replicas are in-process model copies fed
-  identical batches (dual modular redundancy, 2x compute). In a data-parallel job the same votes
-  run on fingerprints all-gathered across ranks (after the gradient all-reduce, where every rank
-  must hold the same gradient). Fingerprints are exact, so the compared computations must be
-  deterministic (same device kind, deterministic kernels); on CPU they are.
+  rolls back to the last checkpoint. The replicas are either
+  - in-process model copies fed identical batches (SFT's resilience.replicas: dual modular
+    redundancy, 2x compute), or
+  - GRPO's data-parallel trainer ranks (RankCorruptionDetector, rl.trainers >= 2): after the
+    gradient all-reduce every rank must hold the same gradient, and the same weights after the
+    update, so the votes run on fingerprints all-gathered over the trainer group at no extra
+    compute; a repair is a broadcast of weights and optimizer state (or of the gradient) from a
+    healthy rank, and a recomputation is done by every rank (the all-reduce needs them all).
+  One GRPO trainer rank is one replica, checked against a recomputation as SFT's single replica is.
+  Fingerprints are exact, so the compared computations must be deterministic (same device kind,
+  deterministic kernels); on CPU they are.
 
 * Heartbeat: the trainer rewrites runs/NAME/heartbeat-ROLE.json at every step; the supervisor
   (tandem/supervisor.py) declares the job hung when none has been written for a while.
@@ -76,6 +87,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from tandem.errors import ConfigError
 from tandem.progress import log
@@ -201,14 +213,19 @@ def attempt_number() -> int:
 
 
 class Incidents:
-    """Append-only log of what was detected and done about it (runs/NAME/incidents.jsonl)."""
+    """Append-only log of what was detected and done about it (runs/NAME/incidents.jsonl).
 
-    def __init__(self, run_dir: Path, role: str = "trainer"):
-        self.path, self.role = Path(run_dir) / INCIDENTS_FILE, role
+    write=False only counts: a follower rank of a data-parallel group, whose leader records the same
+    decisions (every rank decides alike)."""
+
+    def __init__(self, run_dir: Path, role: str = "trainer", write: bool = True):
+        self.path, self.role, self.write = Path(run_dir) / INCIDENTS_FILE, role, write
         self.counts: Counter = Counter()
 
     def record(self, kind: str, step: int | None, detail: str) -> None:
         self.counts[kind] += 1
+        if not self.write:
+            return
         append_jsonl(self.path, {"kind": kind, "step": step, "detail": detail, "role": self.role,
                                  "time": time.time(), "pid": os.getpid(), "attempt": attempt_number()})
         log(f"resilience: {kind} at step {step}: {detail}")
@@ -291,19 +308,23 @@ class FaultInjector:
         save_checkpoint(..., before_commit=faults.before_commit(step))         kill:ckpt
         faults.strike(step, {"rollout1": pid})              another role's kill, hang
 
-    `models` are the replicas (a list of one model without replication); a data fault hits one of
-    them, chosen from the fault's seed.
+    `models` are this process's replicas (a list of one model without replication); a data fault
+    hits one replica, chosen from the fault's seed. In a data-parallel group every rank builds its
+    injector with its `rank` and the group's `ranks` and calls the same hooks: replicas are numbered
+    across the ranks, and only the rank holding the chosen one injects (and records) the fault.
     """
 
-    def __init__(self, faults: Iterable[Fault], run_dir: Path, role: str = "trainer", seed: int = 0):
+    def __init__(self, faults: Iterable[Fault], run_dir: Path, role: str = "trainer", seed: int = 0,
+                 rank: int = 0, ranks: int = 1):
         self.path = Path(run_dir) / FAULTS_FILE
-        self.role, self.seed = role, seed
+        self.role, self.seed, self.rank, self.ranks = role, seed, rank, ranks
         fired = {r.get("fault") for r in read_jsonl(self.path)}
         self.pending = [f for f in faults if f.key not in fired]
 
     @classmethod
-    def from_config(cls, r, steps: int, run_dir: Path, role: str = "trainer") -> "FaultInjector":
-        return cls(configured_faults(r, steps), run_dir, role, r.fault_seed)
+    def from_config(cls, r, steps: int, run_dir: Path, role: str = "trainer", rank: int = 0,
+                    ranks: int = 1) -> "FaultInjector":
+        return cls(configured_faults(r, steps), run_dir, role, r.fault_seed, rank, ranks)
 
     def _take(self, step: int, *kinds: str, at_or_after: bool = False,
               roles: Iterable[str] | None = None) -> list[Fault]:
@@ -317,6 +338,13 @@ class FaultInjector:
 
     def _rng(self, fault: Fault) -> random.Random:
         return random.Random(f"{self.seed}/{fault.key}")
+
+    def _victim(self, fault: Fault, here: int) -> tuple[random.Random, int | None]:
+        """The fault's random stream and the replica it hits, as an index into this process's `here`
+        replicas (None: one on another rank; rank R holds replicas R * here .. R * here + here - 1)."""
+        rng = self._rng(fault)
+        hit = rng.randrange(self.ranks * here) - self.rank * here
+        return rng, (hit if 0 <= hit < here else None)
 
     def _fire(self, fault: Fault, step: int, **detail) -> None:
         """Record the fault in faults.jsonl (durably) before it acts."""
@@ -367,17 +395,19 @@ class FaultInjector:
 
     def corrupt_loss(self, step: int, loss: torch.Tensor, replica: int = 0, replicas: int = 1) -> torch.Tensor:
         for fault in [f for f in self.pending if f.step == step and f.target == "loss" and f.role == self.role]:
-            if self._rng(fault).randrange(replicas) == replica:
+            if self._victim(fault, replicas)[1] == replica:
                 self._take(step, f"{fault.kind}:loss")
-                self._fire(fault, step, replica=replica)
+                self._fire(fault, step, replica=self.rank * replicas + replica)
                 loss = loss * (float("nan") if fault.kind == "nan" else float("inf"))
         return loss
 
     def corrupt_grads(self, step: int, models: list[torch.nn.Module]) -> None:
         for fault in self._take(step, "nan:grad", "inf:grad", "spike:grad", "bitflip:grad"):
-            rng = self._rng(fault)
-            replica = rng.randrange(len(models))
-            named = [(n, p.grad) for n, p in models[replica].named_parameters() if p.grad is not None]
+            rng, hit = self._victim(fault, len(models))
+            if hit is None:
+                continue
+            named = [(n, p.grad) for n, p in models[hit].named_parameters() if p.grad is not None]
+            replica = self.rank * len(models) + hit
             if fault.kind == "spike":
                 self._fire(fault, step, replica=replica, factor=SPIKE_FACTOR)
                 for _, grad in named:
@@ -387,12 +417,14 @@ class FaultInjector:
 
     def corrupt_weights(self, step: int, models: list[torch.nn.Module]) -> None:
         for fault in self._take(step, "bitflip:weight"):
-            rng = self._rng(fault)
-            replica = rng.randrange(len(models))
-            self._corrupt_element(fault, step, rng, replica, list(models[replica].named_parameters()))
+            rng, hit = self._victim(fault, len(models))
+            if hit is not None:
+                self._corrupt_element(fault, step, rng, self.rank * len(models) + hit,
+                                      list(models[hit].named_parameters()))
 
     def _corrupt_element(self, fault, step, rng, replica, named: list[tuple[str, torch.Tensor]]) -> None:
-        """One element of one tensor: a flipped bit (bitflip) or a NaN/inf (nan:grad, inf:grad)."""
+        """One element of one tensor: a flipped bit (bitflip) or a NaN/inf (nan:grad, inf:grad);
+        `replica` is the victim's number across the job, for the record."""
         name, tensor = named[rng.randrange(len(named))]
         index = rng.randrange(tensor.numel())
         if fault.kind == "bitflip":
@@ -485,7 +517,7 @@ class StepGuard:
         z = (math.log(grad_norm) - mean) / std
         if z <= self.zscore:
             return ""
-        return f"gradient norm {grad_norm:.4g} is {z:.1f} std above the last {len(logs)} steps"
+        return f"gradient norm {grad_norm:.4g} is {z:.1f} std above the last {len(logs)} updates"
 
     def trouble_start(self, step: int) -> int:
         """First step of the skips that triggered a rollback at `step` (roll back to before it)."""
@@ -525,14 +557,16 @@ def copy_grads(src_model, dst_model) -> None:
 class CorruptionDetector:
     """Votes on weight and gradient fingerprints every `every` steps; repairs what it can.
 
-    check_weights / check_grads return True when the replicas cannot be repaired and the caller
-    must roll back to the last checkpoint from at most step `last_good` (the newest step whose
-    check passed: a checkpoint written after an undetected corruption may hold it).
+    `models` (and their optimizers, their losses) are this process's replicas; here every replica
+    lives in this process (SFT's resilience.replicas). check_weights / check_grads return True when
+    the replicas cannot be repaired and the caller must roll back to the last checkpoint from at most
+    step `last_good` (the newest step whose check passed: a checkpoint written after an undetected
+    corruption may hold it).
     """
 
     def __init__(self, every: int, incidents: Incidents):
         self.every, self.incidents = every, incidents
-        self.reference: list[bytes] | None = None   # weight fingerprints after the last update
+        self.reference: list[bytes] | None = None   # this process's weight fingerprints after the last update
         self.last_good = 0
 
     def due(self, step: int) -> bool:
@@ -546,27 +580,42 @@ class CorruptionDetector:
         """After an update: record each replica's weight fingerprint if `next_step` is checked."""
         self.reference = [weight_fingerprint(m) for m in models] if self.due(next_step) else None
 
+    # Where the replicas are: the three methods RankCorruptionDetector replaces.
+
+    def gather(self, local: list[bytes]) -> list[bytes]:
+        """Fingerprints of this process's replicas -> those of every replica, in replica order."""
+        return local
+
+    def copy_state(self, models: list, optimizers: list, good: int, bad: list[int]) -> None:
+        for r in bad:
+            copy_replica(models[good], optimizers[good], models[r], optimizers[r])
+
+    def copy_result(self, models: list, losses: list[float], good: int, bad: list[int]) -> None:
+        for r in bad:
+            copy_grads(models[good], models[r])
+            losses[r] = losses[good]
+
     def check_weights(self, step: int, models: list, optimizers: list) -> bool:
         """Weights at rest: each replica against the others and against the fingerprint they all
         agreed on after the last update (a vote of its own, so 2 replicas can outvote 1)."""
         if not self.due(step):
             return False
-        now = [weight_fingerprint(m) for m in models]
+        now = self.gather([weight_fingerprint(m) for m in models])
         votes = list(now)
-        if self.reference is not None and len(set(self.reference)) == 1:
-            votes.append(self.reference[0])
+        reference = self.gather(self.reference) if self.reference is not None else None
+        if reference is not None and len(set(reference)) == 1:
+            votes.append(reference[0])
         if len(set(votes)) == 1:
             self.last_good = step
             return False
         winner = majority(votes)
         if winner is None:
-            self.incidents.record("corruption", step, f"weights of {len(models)} replica(s) disagree with no "
+            self.incidents.record("corruption", step, f"weights of {len(now)} replica(s) disagree with no "
                                   "majority; rolling back to the last checkpoint")
             return True
         good = now.index(winner)
         bad = [r for r, fp in enumerate(now) if fp != winner]
-        for r in bad:
-            copy_replica(models[good], optimizers[good], models[r], optimizers[r])
+        self.copy_state(models, optimizers, good, bad)
         self.incidents.record("corruption", step, f"weights of replica {', '.join(map(str, bad))} changed at rest; "
                               f"restored from replica {good}")
         self.last_good = step
@@ -574,29 +623,73 @@ class CorruptionDetector:
 
     def check_grads(self, step: int, models: list, losses: list[float], recompute: Callable[[int], None]) -> bool:
         """Gradients and losses against each other; on disagreement (always, with one replica)
-        replica 0 recomputes the step for a tie-breaking vote, at most twice. recompute(r) redoes
-        replica r's forward and backward and stores its loss in losses[r]."""
+        replica 0 recomputes the step for a tie-breaking vote, at most twice. recompute(0) redoes
+        replica 0's forward and backward and stores its loss in losses[0]."""
         if not self.due(step):
             return False
-        current = [result_fingerprint(m, loss) for m, loss in zip(models, losses)]
+
+        def results() -> list[bytes]:
+            return self.gather([result_fingerprint(m, loss) for m, loss in zip(models, losses)])
+
+        current = first = results()
         votes = list(current)
         while majority(votes) is None or len(votes) == 1:
-            if len(votes) >= len(models) + 2:
+            if len(votes) >= len(first) + 2:
                 self.incidents.record("corruption", step, "gradients disagree and recomputing does not settle it; "
                                       "rolling back to the last checkpoint")
                 return True
             recompute(0)
-            current[0] = result_fingerprint(models[0], losses[0])
+            current = results()
             votes.append(current[0])
         if len(set(votes)) == 1:
             return False
         winner = majority(votes)
         good = current.index(winner)
-        bad = [r for r, fp in enumerate(current) if fp != winner]
-        for r in bad:
-            copy_grads(models[good], models[r])
-            losses[r] = losses[good]
-        wrong = "replica 0's first computation" if not bad else f"replica {', '.join(map(str, bad))}"
-        self.incidents.record("corruption", step, f"gradients of {wrong} differed from the majority of "
+        self.copy_result(models, losses, good, [r for r, fp in enumerate(current) if fp != winner])
+        wrong = [str(r) for r, fp in enumerate(first) if fp != winner]
+        what = f"replica {', '.join(wrong)}" if wrong else "a recomputation"
+        self.incidents.record("corruption", step, f"gradients of {what} differed from the majority of "
                               f"{len(votes)} computations; repaired")
         return False
+
+
+class RankCorruptionDetector(CorruptionDetector):
+    """The same votes with one replica per rank of a data-parallel group (GRPO's trainer ranks):
+    `models` is [this rank's model]. Every rank of the group calls every method at the same point
+    (they are collectives) and, voting on the same gathered fingerprints, decides alike.
+
+    Fingerprints travel as byte tensors on `device` (all_gather works on every backend); a repair
+    broadcasts from the healthy rank to all (the others already hold the same values); recompute(0)
+    must run on every rank, since a step's gradient needs the all-reduce of all of them.
+    """
+
+    def __init__(self, every: int, incidents: Incidents, group, device: torch.device):
+        super().__init__(every, incidents)
+        self.group, self.device = group, device
+
+    def gather(self, local: list[bytes]) -> list[bytes]:
+        mine = torch.frombuffer(bytearray(b"".join(local)), dtype=torch.uint8).to(self.device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, mine, group=self.group)
+        return [bytes(part.cpu().numpy()) for part in parts]
+
+    def _broadcast(self, tensors: Iterable[torch.Tensor], good: int) -> None:
+        src = dist.get_global_rank(self.group, good)
+        with torch.no_grad():
+            for tensor in tensors:
+                buffer = tensor.to(self.device)  # an optimizer's step counter may live on the host
+                dist.broadcast(buffer, src, group=self.group)
+                tensor.copy_(buffer)
+
+    def copy_state(self, models: list, optimizers: list, good: int, bad: list[int]) -> None:
+        if bad:
+            params = list(models[0].parameters())
+            state = [v for p in params for _, v in sorted(optimizers[0].state.get(p, {}).items())
+                     if torch.is_tensor(v)]
+            self._broadcast(params + state, good)
+
+    def copy_result(self, models: list, losses: list[float], good: int, bad: list[int]) -> None:
+        if bad:
+            loss = torch.tensor([losses[0]], dtype=torch.float64)
+            self._broadcast([p.grad for p in models[0].parameters()] + [loss], good)
+            losses[0] = float(loss)

@@ -63,7 +63,8 @@ Keys (all small JSON unless said otherwise):
 Weight sync. After each policy update the trainer publishes version V = step with its SHA-256
 fingerprint (tandem.model.weights_fingerprint over the tensors as sent); each job names the version
 and fingerprint it must be generated with. A worker switches weights only when a job asks for a
-new version, and verifies the fingerprint first: bytes that do not match are refused (logged, the
+new version (or, after a trainer rollback republished it, new weights under a version number it
+has seen), and verifies the fingerprint first: bytes that do not match are refused (logged, the
 refusal counted, the trainer resends, the worker retries). The trainer keeps the last two versions
 (async mode generates with the previous one). Sync time and bytes are measured on both sides.
 
@@ -217,10 +218,17 @@ class Generator:
         self.model = Transformer(ModelConfig.from_dict(spec["model"])).to(self.device, self.dtype).eval()
         self.engine = Engine(self.model, max_batch=spec["max_batch"], max_len=spec["max_len"])
         self.version: int | None = None
+        self.fingerprint: str | None = None
 
-    def load(self, version: int, state: dict[str, torch.Tensor]) -> None:
+    def holds(self, version: int, fingerprint: str) -> bool:
+        """Whether these weights are loaded. A version number alone is not enough: after the trainer
+        rolls back, the versions after the checkpoint's are published again with other weights."""
+        return (self.version, self.fingerprint) == (version, fingerprint)
+
+    def load(self, version: int, state: dict[str, torch.Tensor], fingerprint: str | None = None) -> None:
+        """Load weights `version` (`fingerprint`: their SHA-256 as published; None when unknown)."""
         self.model.load_checkpoint_state({k: v.to(self.device) for k, v in state.items()})
-        self.version = version
+        self.version, self.fingerprint = version, fingerprint
 
     def run(self, job: dict) -> dict:
         """Generate every request of `job` (weights must be at job["version"]); the answer payload."""
@@ -292,10 +300,10 @@ def serve(host: str, port: int, rank: int) -> int:
         if job.get("stop"):
             return 0
         sync_seconds = 0.0
-        if generator.version != job["version"]:
+        if not generator.holds(job["version"], job["fingerprint"]):
             started = time.perf_counter()
             state = receive_weights(store, job["version"], job["fingerprint"], who)
-            generator.load(job["version"], state)
+            generator.load(job["version"], state, job["fingerprint"])
             sync_seconds = time.perf_counter() - started
         payload = generator.run(job)
         payload["sync_seconds"] = sync_seconds
@@ -334,6 +342,9 @@ class Publisher:
         self.versions: dict[int, tuple[str, bytes]] = {}   # version -> (fingerprint, blob)
 
     def encode(self, version: int, state: dict[str, torch.Tensor]) -> tuple[str, bytes]:
+        """Keep `version` and the one before it; publishing an older version than the newest (after
+        the trainer rolled back to a checkpoint) drops the newer ones, of an abandoned timeline."""
+        self.versions = {v: kept for v, kept in self.versions.items() if v < version}
         self.versions[version] = encode_weights(state, self.dtype)
         for old in sorted(self.versions)[:-KEEP_VERSIONS]:
             del self.versions[old]
@@ -344,11 +355,11 @@ class Publisher:
 
     def load_into(self, generator: Generator, version: int) -> float:
         """Bring a local generator to `version` (verified like a worker does); seconds spent."""
-        if generator.version == version:
+        fingerprint, blob = self.versions[version]
+        if generator.holds(version, fingerprint):
             return 0.0
         started = time.perf_counter()
-        fingerprint, blob = self.versions[version]
-        generator.load(version, decode_weights(blob, fingerprint))
+        generator.load(version, decode_weights(blob, fingerprint), fingerprint)
         return time.perf_counter() - started
 
 
