@@ -12,11 +12,13 @@ parts, so streams are identical across processes (Python's salted `hash()` is ne
 * `test_set(n)` depends on the task params only (never on the seed): it is the first n of one fixed
   list of distinct prompts drawn from a separate stream (seed part "test").
 
-Train/test disjointness (a simplification): the train stream skips any example whose prompt is
-among the first `held_out_size()` prompts of the test list (1000 by default, fewer when the task's
-problem space is small, so that at most about a fifth of it is held out). `test_set(n)` therefore
-returns at most `held_out_size()` examples; asking for more returns that many (never an example the
-train stream can produce).
+Train/test split: a fixed fifth of a task's problem space is held out, chosen by a hash of the
+prompt (`held_out`). The train stream skips held-out prompts; the test list is the first distinct
+held-out prompts of the "test" stream (at most 1000; fewer when the space is small). Both come from
+the same generator, so the test split has the train stream's distribution minus repeats: no held-out
+problem is of a kind training never shows. (Holding out the first N distinct prompts of a stream
+instead, as an earlier version did, swallowed whole small corners of the space, e.g. every one-digit
+multiplication, into the test split.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field
 from tandem.errors import ConfigError
 from tandem.reasoning import format_reasoning, parse_reasoning
 
-HELD_OUT = 1000          # test prompts kept out of the train stream (at most)
+HELD_OUT = 1000          # the longest test list (distinct held-out prompts)
+HELD_OUT_SHARE = 5       # one prompt in 5 of the problem space is held out
 _MAX_TRAIN_TRIES = 1000  # draws per train example before giving up (only tiny problem spaces)
 _TEST_CACHE: dict = {}   # (task class, params hash) -> (test examples, test prompts), per process
 
@@ -117,10 +120,16 @@ class Task:
 
     # ---- public API ---------------------------------------------------------------------------
 
+    def held_out(self, prompt: str) -> bool:
+        """Whether `prompt` is in the test split: a hash of (task name, prompt), so the split does not
+        move when the task's parameters change (a model trained on 2-digit problems and tested on
+        3-digit ones never sees a test prompt in training)."""
+        return stable_seed("held-out", self.name, prompt) % HELD_OUT_SHARE == 0
+
     def held_out_size(self) -> int:
-        """How many test prompts are held out of the train stream (and the most test_set returns)."""
+        """The most test prompts test_set returns (about a fifth of a small problem space)."""
         space = self._space_size()
-        return HELD_OUT if space is None else max(1, min(HELD_OUT, space // 5))
+        return HELD_OUT if space is None else max(1, min(HELD_OUT, space // HELD_OUT_SHARE))
 
     def _test_list(self) -> list[Example]:
         if self._test_examples is None:
@@ -133,10 +142,10 @@ class Task:
             examples: list[Example] = []
             seen: set[str] = set()
             tries = 0
-            while len(examples) < want and tries < 20 * want + 100:
+            while len(examples) < want and tries < 20 * HELD_OUT_SHARE * want + 100:
                 tries += 1
                 ex = self._generate(rng)
-                if ex.prompt not in seen:
+                if ex.prompt not in seen and self.held_out(ex.prompt):
                     seen.add(ex.prompt)
                     examples.append(ex)
             self._test_examples = examples
@@ -155,11 +164,10 @@ class Task:
 
     def example(self, index: int) -> Example:
         """Training example number `index`: deterministic in (params, seed, index), never a test prompt."""
-        held_out = self.test_prompts()
         rng = random.Random(stable_seed("train", self.name, self.params, self.seed, index))
         for _ in range(_MAX_TRAIN_TRIES):
             ex = self._generate(rng)
-            if ex.prompt not in held_out:
+            if not self.held_out(ex.prompt):
                 return ex
         raise ConfigError(f"task {self.name!r} with {self.params} has too few distinct problems "
                           f"to hold out a test split; widen its parameters")

@@ -179,6 +179,9 @@ class JsonlTask(Task):
     def test_prompts(self) -> frozenset[str]:
         return frozenset(ex.prompt for ex in self.test_rows)
 
+    def held_out(self, prompt: str) -> bool:
+        return prompt in self.test_prompts()  # the file's own split (above), not the prompt-hash one
+
     def test_set(self, n: int = 200) -> list[Example]:
         return list(self.test_rows[:max(0, n)])
 
