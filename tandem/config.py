@@ -81,7 +81,9 @@ class RLConfig:
                                    # updates (one step stale, corrected by tis_cap); sync: on-policy
     tis_cap: float = 2.0           # C in min(exp(logp_train_old - logp_rollout), C) (0 = no correction)
     lr: float = 2e-5               # peak learning rate (AdamW)
-    warmup_steps: int = 0          # linear warmup from 0, then constant
+    warmup_steps: int = 0          # linear warmup from 0 to lr
+    min_lr_ratio: float = 1.0      # after warmup, cosine decay to lr * min_lr_ratio (1 = constant, as verl;
+                                   # TRL decays to 0 by default)
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -298,6 +300,7 @@ def _validate_rl(cfg: Config) -> None:
     r, w = cfg.rl, cfg.rollout
     _check(r.steps >= 0, "rl.steps", ">= 0", r.steps)
     _check(r.prompts_per_step >= 1, "rl.prompts_per_step", ">= 1", r.prompts_per_step)
+    _check(0 <= r.min_lr_ratio <= 1, "rl.min_lr_ratio", "0..1", r.min_lr_ratio)
     _check(r.group_size >= 2, "rl.group_size", ">= 2 (group-relative advantages need two or more samples "
            "per prompt)", r.group_size)
     _check(r.temperature > 0, "rl.temperature", "> 0 (rollouts must sample)", r.temperature)

@@ -585,7 +585,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
 
             # Policy update; with several trainers each takes a slice of the sequences.
             t_update = accel.timer(device)
-            lr = lr_at(step, r.lr, r.warmup_steps, r.steps, 1.0)
+            lr = lr_at(step, r.lr, r.warmup_steps, r.steps, r.min_lr_ratio)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             stats, old, grad_norm, skipped, back_to = {}, torch.zeros(0), 0.0, 0, None
