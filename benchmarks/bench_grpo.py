@@ -158,7 +158,9 @@ def part_parity(args) -> str:
     base = f"SFT start: {baseline[task]['accuracy']:.1%}. " if baseline and task in baseline else ""
     return (table(["run", f"held-out {task} accuracy", "mismatch |dlogp| (last 10)", "mismatch KL",
                    "wall min"], rows)
-            + f"\n\n{base}Difference: **{abs(a - b) * 100:.1f} points** (target <= 3). {environment(2)}.")
+            + f"\n\n{base}Difference: **{abs(a - b) * 100:.1f} points** (target <= 3). One run each, scored on "
+              f"{result[task]['n']} held-out prompts: the binomial noise of one score is about +-1.3 points, of a "
+              f"difference +-1.9. {environment(1)} per role.")
 
 
 def main() -> None:
