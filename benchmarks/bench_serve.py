@@ -359,6 +359,13 @@ def main() -> int:
             finally:
                 stop(proc)
             rows += [row("llama-cpp-python server (GGUF f32)", level) for level in cpp]
+            ours = {level.clients: level for level in batched}
+            notes.append("Against llama-cpp-python's server on the GGUF export of the same model, same load: "
+                         + "; ".join(f"at {c.clients} client(s) tandem has {ours[c.clients].throughput / c.throughput:.2f}x "
+                                     f"its tokens/s and {pct(c.ttft, 50) / pct(ours[c.clients].ttft, 50):.1f}x lower "
+                                     f"TTFT p50" for c in cpp)
+                         + " (its 32-client throughput is its one-client rate: that server answers one request "
+                           "at a time).")
 
     print("the Engine alone, no HTTP (32 requests one at a time, then together):", flush=True)
     alone_1, alone_32 = engine_ceiling(model, args.max_tokens, args.threads)
