@@ -338,7 +338,7 @@ def main() -> None:
         print(f"{text}\n[bench_chaos] {name}: {time.perf_counter() - t0:.0f} s\n", flush=True)
         parts.append(text)
     minutes = (time.perf_counter() - started) / 60
-    body = "\n\n".join(parts) + (f"\n\n{environment(1)} (the tiny preset runs with its own 2 threads); "
+    body = "\n\n".join(parts) + (f"\n\n{environment(1)} (the tiny preset runs with its own run.threads); "
                                    f"{minutes:.1f} min in all.")
     if args.write:
         write_section("bench_chaos", "Training on unstable hardware (chaos)", body)
