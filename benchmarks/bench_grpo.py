@@ -2,7 +2,7 @@
 
     python benchmarks/bench_grpo.py demo   [--write]                 the demo, SFT + GRPO, end to end
     python benchmarks/bench_grpo.py modes  [--init RUN] [--write]    async disaggregated vs sync colocated
-    python benchmarks/bench_grpo.py parity [--init RUN] [--write]    async bf16 worker vs sync fp32 worker
+    python benchmarks/bench_grpo.py parity [--init RUN] [--seeds 0,1] [--reuse] [--write]   async bf16 vs sync fp32
 
 demo: runs `tandem pipeline --preset tiny` (what `make demo` runs) into runs/bench/demo and reports
 held-out greedy accuracy per task before RL (evals["sft"]) and after (evals["rl"]), same eval set and
@@ -63,11 +63,14 @@ def ensure_sft(init: Path) -> Path:
     return checkpoint
 
 
-def rl_run(init: Path, name: str, overrides: list[str]) -> tuple[Path, dict]:
-    """A fresh GRPO run from `init` with the tiny preset plus `overrides`."""
+def rl_run(init: Path, name: str, overrides: list[str], reuse: bool = False) -> tuple[Path, dict]:
+    """A fresh GRPO run from `init` with the tiny preset plus `overrides`. With `reuse`, a finished run
+    of the same config already in the folder is kept (tandem resumes it: nothing left to do; a run of
+    another config is refused), which is exact because a run is a function of its config."""
     from tandem.train.grpo import run_rl_stage
     out = BENCH / name
-    shutil.rmtree(out, ignore_errors=True)
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(preset="tiny", overrides=overrides)
     started = time.perf_counter()
     run_rl_stage(cfg, init, out, progress=False)
@@ -145,22 +148,26 @@ def part_parity(args) -> str:
     baseline = read_summary(Path(args.init)).get("evals", {}).get("sft")
     runs = {"async, bf16 worker (the preset)": ["rl.mode=async", "rollout.dtype=bf16"],
             "sync, fp32 worker": ["rl.mode=sync", "rollout.dtype=fp32"]}
-    rows, accuracy = [], {}
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    rows, accuracy = [], {label: [] for label in runs}
     for label, overrides in runs.items():
-        out, rl = rl_run(init, "parity-" + overrides[1].split("=")[1], overrides)
-        result = run_eval_stage(rl["cfg"], out, "rl", progress=False)
-        task = rl["cfg"].rl.tasks[0]
-        accuracy[label] = result[task]["accuracy"]
-        last = read_metrics(out, "rl")[-10:]
-        rows.append([label, f"{accuracy[label]:.1%}", f"{sum(r['mismatch'] for r in last) / len(last):.4f}",
-                     f"{sum(r['mismatch_kl'] for r in last) / len(last):.2e}", f"{rl['wall'] / 60:.1f}"])
-    a, b = accuracy.values()
+        for seed in seeds:
+            name = f"parity-{overrides[1].split('=')[1]}" + (f"-s{seed}" if seed else "")
+            out, rl = rl_run(init, name, overrides + [f"run.seed={seed}"], reuse=args.reuse)
+            result = run_eval_stage(rl["cfg"], out, "rl", progress=False)
+            task = rl["cfg"].rl.tasks[0]
+            accuracy[label].append(result[task]["accuracy"])
+            last = read_metrics(out, "rl")[-10:]
+            rows.append([label, seed, f"{accuracy[label][-1]:.1%}", f"{sum(r['mismatch'] for r in last) / len(last):.4f}",
+                         f"{sum(r['mismatch_kl'] for r in last) / len(last):.2e}"])
+    a, b = (sum(values) / len(values) for values in accuracy.values())
     base = f"SFT start: {baseline[task]['accuracy']:.1%}. " if baseline and task in baseline else ""
-    return (table(["run", f"held-out {task} accuracy", "mismatch |dlogp| (last 10)", "mismatch KL",
-                   "wall min"], rows)
-            + f"\n\n{base}Difference: **{abs(a - b) * 100:.1f} points** (target <= 3). One run each, scored on "
-              f"{result[task]['n']} held-out prompts: the binomial noise of one score is about +-1.3 points, of a "
-              f"difference +-1.9. {environment(1)} per role.")
+    noise = 1.9 / len(seeds) ** 0.5
+    return (table(["run", "seed", f"held-out {task} accuracy", "mismatch |dlogp| (last 10)", "mismatch KL"], rows)
+            + f"\n\n{base}Mean over seeds {args.seeds}: {a:.1%} vs {b:.1%}, difference **{abs(a - b) * 100:.1f} points** "
+              f"(target <= 3). Each run scored on {result[task]['n']} held-out prompts; the binomial noise of that "
+              f"difference alone is about +-{noise:.1f} points. `run.seed` sets the rollouts' sampling seeds; every run "
+              f"starts from the same SFT checkpoint. {environment(1)} per role.")
 
 
 def main() -> None:
@@ -168,6 +175,9 @@ def main() -> None:
     parser.add_argument("part", choices=("demo", "modes", "parity"))
     parser.add_argument("--init", default=str(BENCH / "demo"), help="SFT run to start RL from (modes, parity)")
     parser.add_argument("--steps", type=int, default=30, help="RL steps per mode (modes)")
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds, one run per mode each (parity)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs of the same config instead of retraining them (parity)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     body = {"demo": part_demo, "modes": part_modes, "parity": part_parity}[args.part](args)
