@@ -34,7 +34,7 @@ from tandem.reasoning import format_reasoning, parse_reasoning
 HELD_OUT = 1000          # the longest test list (distinct held-out prompts)
 HELD_OUT_SHARE = 5       # one prompt in 5 of the problem space is held out
 _MAX_TRAIN_TRIES = 1000  # draws per train example before giving up (only tiny problem spaces)
-_TEST_CACHE: dict = {}   # (task class, params hash) -> (test examples, test prompts), per process
+_TEST_CACHE: dict = {}   # (task class, params hash) -> test examples, per process
 
 
 def stable_seed(*parts) -> int:
@@ -85,7 +85,6 @@ class Task:
         self.params = {**self.PARAMS, **params}
         self._validate()
         self._test_examples: list[Example] | None = None
-        self._test_prompts: frozenset[str] | None = None
 
     # ---- to implement -------------------------------------------------------------------------
 
@@ -135,7 +134,7 @@ class Task:
         if self._test_examples is None:
             key = (type(self), stable_seed(self.name, self.params))
             if key in _TEST_CACHE:  # the split depends only on (task, params): share it
-                self._test_examples, self._test_prompts = _TEST_CACHE[key]
+                self._test_examples = _TEST_CACHE[key]
                 return self._test_examples
             want = self.held_out_size()
             rng = random.Random(stable_seed("test", self.name, self.params))
@@ -148,15 +147,8 @@ class Task:
                 if ex.prompt not in seen and self.held_out(ex.prompt):
                     seen.add(ex.prompt)
                     examples.append(ex)
-            self._test_examples = examples
-            self._test_prompts = frozenset(seen)
-            _TEST_CACHE[key] = (examples, self._test_prompts)
+            self._test_examples = _TEST_CACHE[key] = examples
         return self._test_examples
-
-    def test_prompts(self) -> frozenset[str]:
-        """The held-out prompts the train stream never produces."""
-        self._test_list()
-        return self._test_prompts
 
     def test_set(self, n: int = 200) -> list[Example]:
         """The first n examples of the fixed held-out list (fewer if held_out_size() < n)."""

@@ -157,11 +157,12 @@ class JsonlTask(Task):
         if len(rows) == 1:
             # A single row cannot be split: it serves as both the train and the test example.
             self.test_rows, self.train_rows = rows, rows
+            self.held_out_prompts = {rows[0].prompt}
         else:
             n_test = min(len(rows) - 1, max(1, round(len(rows) * self.params["test_fraction"])))
             self.test_rows = rows[len(rows) - n_test:]
-            held_out = {ex.prompt for ex in self.test_rows}
-            train = [ex for ex in rows[:len(rows) - n_test] if ex.prompt not in held_out]
+            self.held_out_prompts = {ex.prompt for ex in self.test_rows}
+            train = [ex for ex in rows[:len(rows) - n_test] if ex.prompt not in self.held_out_prompts]
             # If every train prompt is also a test prompt, there is nothing disjoint to train on:
             # fall back to the train rows as they are rather than fail.
             self.train_rows = train or rows[:len(rows) - n_test]
@@ -176,11 +177,8 @@ class JsonlTask(Task):
     def held_out_size(self) -> int:
         return len(self.test_rows)
 
-    def test_prompts(self) -> frozenset[str]:
-        return frozenset(ex.prompt for ex in self.test_rows)
-
     def held_out(self, prompt: str) -> bool:
-        return prompt in self.test_prompts()  # the file's own split (above), not the prompt-hash one
+        return prompt in self.held_out_prompts  # the file's own split (above), not the prompt-hash one
 
     def test_set(self, n: int = 200) -> list[Example]:
         return list(self.test_rows[:max(0, n)])
