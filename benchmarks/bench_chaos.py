@@ -1,7 +1,7 @@
 """Chaos benchmark: training on hardware that crashes, hangs and corrupts data.
 
-    python benchmarks/bench_chaos.py --write      the full run: about 6 minutes on an idle 2-core machine
-                                                  (the tiny preset's step is ~0.2 s there), 10-15 on a busy one
+    python benchmarks/bench_chaos.py --write      the full run: about 10 minutes on an idle 2-core machine
+                                                  (the tiny preset's step is ~0.3 s there), more on a busy one
     python benchmarks/bench_chaos.py --quick      scaled down (a few minutes on a busy machine)
 
 Sections, each against its target (every job is the real CLI under `--supervise`, in subprocesses,
@@ -295,8 +295,8 @@ def main() -> None:
     parser.add_argument("--clean-steps", type=int, default=1000)
     parser.add_argument("--damages", type=int, default=1000)
     parser.add_argument("--hang-timeout", type=float, default=30.0)
-    parser.add_argument("--tiny-steps", type=int, default=200)
-    parser.add_argument("--mtbfs", default="20,50")
+    parser.add_argument("--tiny-steps", type=int, default=300)
+    parser.add_argument("--mtbfs", default="20,50,100,200")
     parser.add_argument("--async-steps", type=int, default=10, help="tiny steps timed for the checkpoint overhead")
     parser.add_argument("--saves", type=int, default=5, help="checkpoint saves timed each way")
     parser.add_argument("--skip", default="",
