@@ -15,7 +15,8 @@ sft, rl and pipeline take --supervise [--max-restarts N]: the job runs as a chil
 restarted (and resumes) after a crash or a hang (tandem/supervisor.py).
 
 Any config field can be overridden with --set section.key=value (repeatable). A user mistake
-prints one line starting with "error:" and exits with status 2.
+prints one line starting with "error:" and exits with status 2; a training run that cannot make
+progress (resilience.max_rollbacks) prints one such line and exits with status 3.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tandem import cli_resilience, cli_rl, cli_serve  # noqa: E402
 from tandem.cli_portability import COMMANDS as PORTABILITY_COMMANDS  # noqa: E402
 from tandem.cli_portability import add_backend_arg, open_for_command  # noqa: E402
 from tandem.cli_portability import add_subcommands as add_portability_subcommands  # noqa: E402
-from tandem.errors import TandemError  # noqa: E402
+from tandem.errors import TandemError, TrainingFailed  # noqa: E402
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except TandemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return TrainingFailed.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ defaults. Mistakes raise ConfigError naming the key and what is allowed:
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ class ResilienceConfig:
     guard_min_history: int = 20    # the z-score test starts once the window holds this many norms
     rollback_after: int = 3        # this many skips within guard_window steps roll back to the last
                                    # checkpoint before the trouble (0 = never roll back)
+    max_rollbacks: int = 3         # rollbacks in a row without progress (no update applied past the step
+                                   # the previous rollback left) before training gives up: one-line
+                                   # error, exit status 3, not retried by --supervise (0 = never give up)
     replicas: int = 1              # in-process model replicas fed the same batches (2 = silent-corruption
                                    # detection that can tell the bad replica and repair it; 2x compute)
     check_every: int = 0           # compare weight and gradient fingerprints every K steps (0 = off; with
@@ -342,6 +346,7 @@ def _validate_resilience(r: ResilienceConfig) -> None:
            "window >= 1, min_history >= 2", (r.guard_window, r.guard_min_history))
     _check(r.guard_zscore > 0, "resilience.guard_zscore", "> 0", r.guard_zscore)
     _check(r.rollback_after >= 0, "resilience.rollback_after", ">= 0 (0 = never)", r.rollback_after)
+    _check(r.max_rollbacks >= 0, "resilience.max_rollbacks", ">= 0 (0 = never give up)", r.max_rollbacks)
     _check(r.replicas >= 1, "resilience.replicas", ">= 1", r.replicas)
     _check(r.check_every >= 0, "resilience.check_every", ">= 0 (0 = off)", r.check_every)
     _check(r.replicas == 1 or r.check_every >= 1, "resilience.check_every",
@@ -351,8 +356,18 @@ def _validate_resilience(r: ResilienceConfig) -> None:
     _check(r.backoff >= 0, "resilience.backoff", ">= 0 seconds", r.backoff)
 
 
+def _validate_finite(cfg: Config) -> None:
+    """No float field of any section may be inf or nan (TOML and --set accept both)."""
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        for key, tp in typing.get_type_hints(type(section)).items():
+            value = getattr(section, key)
+            _check(tp is not float or math.isfinite(value), f"{name}.{key}", "a finite number", value)
+
+
 def validate(cfg: Config) -> None:
     m, s = cfg.model, cfg.sft
+    _validate_finite(cfg)
     _validate_rl(cfg)
     _check(m.arch in ("llama", "qwen2"), "model.arch", "llama, qwen2", m.arch)
     _check(m.hidden_size > 0 and m.num_hidden_layers > 0, "model.hidden_size", "> 0", m.hidden_size)

@@ -3,6 +3,9 @@
 Every mistake a user can make (bad config key, missing file, malformed JSONL line, unknown device,
 bad request) raises a TandemError subclass whose message is ONE line saying what is wrong and how
 to fix it. The CLI prints it and exits 2, with no traceback; the server maps it to a 4xx.
+
+TrainingFailed is not a user mistake: training ran but cannot make progress (the guard keeps rolling
+back). The CLI prints its one line and exits 3, which the supervisor does not retry.
 """
 
 
@@ -28,3 +31,9 @@ class ModelError(TandemError):
 
 class CheckpointError(TandemError):
     """A checkpoint is missing, corrupt or does not match the run."""
+
+
+class TrainingFailed(Exception):
+    """Training cannot make progress (e.g. every update is non-finite); CLI exit status 3."""
+
+    exit_code = 3

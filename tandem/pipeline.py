@@ -25,26 +25,39 @@ from tandem.runs import prepare_run, read_summary, update_summary
 from tandem.tasks import Task, get_task
 from tandem.tokenizer import ChatTokenizer, train_tokenizer
 from tandem.train.checkpoint import latest_valid
-from tandem.train.sft import train_sft
+from tandem.train.sft import check_fits, train_sft
 
 
 def build_tasks(cfg: Config) -> list[Task]:
     return [get_task(name, seed=cfg.run.seed, **cfg.data.task_params.get(name, {})) for name in cfg.data.tasks]
 
 
-def ensure_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task]) -> ChatTokenizer:
-    """Train the BPE on the task corpus once per run (written to a temp folder, then renamed)."""
+def run_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task]) -> ChatTokenizer:
+    """The run's tokenizer if it has one, else the BPE trained on the task corpus (not yet saved)."""
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return ChatTokenizer.load(folder)
     per_task = max(1, cfg.tokenizer.corpus_size // len(tasks))
     texts = [text for task in tasks for text in task.corpus(per_task)]
-    tokenizer = train_tokenizer(texts, cfg.tokenizer.vocab_size)
+    return train_tokenizer(texts, cfg.tokenizer.vocab_size)
+
+
+def save_tokenizer(tokenizer: ChatTokenizer, run_dir: Path) -> None:
+    """Write the tokenizer once per run (to a temp folder, then renamed)."""
+    folder = run_dir / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return
     tmp = run_dir / ".tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
     tmp.rename(folder)
     log(f"tokenizer: {tokenizer.vocab_size} tokens -> {folder}")
+
+
+def ensure_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task]) -> ChatTokenizer:
+    """The run's tokenizer, trained and saved on first use."""
+    tokenizer = run_tokenizer(cfg, run_dir, tasks)
+    save_tokenizer(tokenizer, run_dir)
     return tokenizer
 
 
@@ -61,8 +74,10 @@ def check_runnable(cfg: Config) -> list[Task]:
 
 def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     tasks = check_runnable(cfg)
+    tokenizer = run_tokenizer(cfg, Path(out), tasks)
+    check_fits(cfg.sft.max_seq_len, tokenizer, tasks)  # before anything is written
     run_dir = prepare_run(out, cfg)
-    tokenizer = ensure_tokenizer(cfg, run_dir, tasks)
+    save_tokenizer(tokenizer, run_dir)
     stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress)
     ledger = Ledger.from_dict(read_summary(run_dir).get("ledger"))
     ledger.add("sft", stats["device_kind"], stats["seconds"], stats["tokens"], stats["flops"])

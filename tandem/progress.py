@@ -1,4 +1,8 @@
-"""Progress for long work: a tqdm bar on a terminal, plain log lines when not a TTY (CI, logs)."""
+"""Progress for long work: a tqdm bar on a terminal, plain log lines when not a TTY (CI, logs).
+
+The count is the position in the work, never more than the total: a trainer that rolls back
+rewinds it, and the steps thrown away are shown separately (`redone=K`).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,25 @@ class Progress:
     def __init__(self, total: int, desc: str, start: int = 0, every: int = 10, enabled: bool = True):
         self.total, self.desc, self.every, self.n = total, desc, max(1, every), start
         self.enabled = enabled
+        self.redone = 0  # steps rewound (done again after a rollback)
         self.bar = None
         self.started = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=True)
 
+    def rewind(self, to: int) -> None:
+        """Back to position `to` (a rollback): those steps will be done again."""
+        self.redone += max(0, self.n - to)
+        self.n = to
+        if self.bar is not None:
+            self.bar.n = to
+            self.bar.refresh()
+
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n
+        if self.redone:
+            postfix["redone"] = self.redone
         if self.bar is not None:
             self.bar.update(n)
             if postfix:

@@ -16,12 +16,13 @@ one of an attempt), the job is hung: its process group gets SIGKILL and it is re
 heartbeat marked idle (a training phase is over; eval or export run next) disarms the watchdog
 until the next step.
 
-Restarts follow a crash (any exit status but 0, 2 and 130) or a hang. A restart that follows
+Restarts follow a crash (any exit status but 0, 2, 3 and 130) or a hang. A restart that follows
 progress (a step beyond any reached before) is immediate; restarts without progress in between
 back off: resilience.backoff seconds, doubling, capped at resilience.backoff_max. After
 --max-restarts restarts in all (as torchrun counts them) the supervisor gives up and prints every
-attempt. Exit status 2 (a user mistake: bad config, missing file) and 130 (interrupted) are not
-retried: a restart cannot fix them. Attempts go to runs/NAME/supervisor.json, crashes and hangs to
+attempt. Exit status 2 (a user mistake: bad config, missing file), 3 (training failed: it kept
+rolling back without progress, errors.TrainingFailed) and 130 (interrupted) are not retried: a
+restart cannot fix them. Attempts go to runs/NAME/supervisor.json, crashes and hangs to
 runs/NAME/incidents.jsonl.
 
 Across machines, torchrun plays this role: `torchrun --max-restarts 3 ... -m tandem.cli rl ...`
@@ -48,7 +49,7 @@ from tandem.runs import write_json_atomic
 from tandem.train.resilience import ATTEMPT_ENV, HEARTBEAT_GLOB, INCIDENTS_FILE, append_jsonl
 
 SUPERVISOR_FILE = "supervisor.json"
-NOT_RETRIED = {0: "done", 2: "user_error", 130: "interrupted"}
+NOT_RETRIED = {0: "done", 2: "user_error", 3: "failed", 130: "interrupted"}
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Attempt:
     waited: float = 0.0            # backoff before it started, seconds
     detected: float = 0.0          # when the supervisor saw it exit, or declared it hung
     ended: float = 0.0             # when it and its process group were gone
-    outcome: str = ""              # done | crashed | hung | user_error | interrupted
+    outcome: str = ""              # done | crashed | hung | user_error | failed | interrupted
     detail: str = ""               # "killed by SIGKILL", "exit status 1", "no heartbeat for 30.0 s"
     first_step: int | None = None  # first and last step it reported in a heartbeat
     last_step: int | None = None
@@ -94,7 +95,7 @@ class Supervision:
     @property
     def exit_code(self) -> int:
         last = self.attempts[-1].outcome
-        return {"done": 0, "user_error": 2, "interrupted": 130}.get(last, 1)
+        return {outcome: code for code, outcome in NOT_RETRIED.items()}.get(last, 1)
 
     def to_dict(self) -> dict:
         return {"restarts": self.restarts, "gave_up": self.gave_up, "outcome": self.attempts[-1].outcome,

@@ -69,6 +69,9 @@ def test_doctor():
     (["sft", "--preset", "smoke", "--set", "run.device=cuda:7", "--out", "{tmp}/a"], "available here"),
     (["sft", "--preset", "smoke", "--set", 'data.tasks=["{tmp}/missing.jsonl"]', "--out", "{tmp}/a"],
      "not found"),
+    (["sft", "--preset", "smoke", "--set", "sft.lr=inf", "--out", "{tmp}/a"], "'sft.lr' = inf"),
+    (["sft", "--preset", "smoke", "--set", "sft.max_seq_len=10", "--out", "{tmp}/a"],
+     "sft.max_seq_len = 10 cannot hold one training example"),
     (["eval", "--model", "{tmp}/nothing"], "model path not found"),
     (["eval", "--model", "{tmp}"], "not a tandem run"),
     (["inspect", "{tmp}"], "not a tandem run"),
@@ -79,6 +82,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists()  # refused before anything was written
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

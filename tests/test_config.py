@@ -28,6 +28,11 @@ def test_overrides_apply_with_toml_types():
     ("sftsteps", "--set section.key=value"),
     ("sft.dtype=fp8", "sft.dtype"),
     ("model.num_key_value_heads=3", "a divisor of model.num_attention_heads"),
+    ("sft.lr=inf", "'sft.lr' = inf is out of range; allowed: a finite number"),
+    ("rl.lr=nan", "'rl.lr' = nan"),
+    ("model.rope_theta=-inf", "'model.rope_theta' = -inf"),
+    ("resilience.heartbeat_timeout=inf", "'resilience.heartbeat_timeout' = inf"),
+    ("resilience.max_rollbacks=-1", "resilience.max_rollbacks"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tandem.config import load_config
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, TrainingFailed
 from tandem.model import weights_fingerprint
 from tandem.pipeline import build_tasks, ensure_tokenizer
 from tandem.runs import prepare_run
@@ -88,6 +88,46 @@ def test_guard_skips_nonfinite_and_spikes_then_rolls_back():
     guard.load_state_dict(state)
     guard.rolled_back(8)
     assert guard.check(8, 2.0, 1e4).action == "skip"              # recurring while replaying: not transient
+
+
+def test_guard_gives_up_after_max_rollbacks_without_progress():
+    guard = StepGuard(min_history=4, rollback_after=1, max_rollbacks=2)
+    assert guard.check(0, 2.0, 1.0).action == "update"
+    for step in (1, 2):                                           # each rollback comes back to the same wall
+        assert guard.check(step, float("nan"), 1.0).action == "rollback"
+        guard.reset()                                             # restoring the checkpoint of step 0
+        guard.rolled_back(step)
+        assert guard.check(0, 2.0, 1.0).action == "update"        # a replayed update is not progress
+    with pytest.raises(TrainingFailed, match="not making progress: 2 rollback") as err:
+        guard.check(3, float("nan"), 1.0)
+    assert "\n" not in str(err.value)
+    guard = StepGuard(min_history=4, rollback_after=1, max_rollbacks=1)
+    assert guard.check(1, float("nan"), 1.0).action == "rollback"
+    guard.rolled_back(1)
+    assert guard.check(2, 2.0, 1.0).action == "update"            # past the rollback: progress
+    assert guard.check(3, float("nan"), 1.0).action == "rollback" # so this is the first in a row again
+
+
+def test_persistent_nan_gives_up_with_exit_3_and_is_not_retried(tmp_path):
+    """Every update fails (a nan fault at every step): the run gives up instead of saying done, the
+    supervisor does not restart it, and no checkpoint claims the steps that were never trained."""
+    out = tmp_path / "run"
+    faults = ",".join(f"nan@{k}" for k in range(20))
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "sft", "--preset", "smoke", "--out", str(out), "--supervise",
+         "--set", "sft.log_every=1", "--set", "sft.checkpoint_every=4", "--set", f'resilience.faults="{faults}"'],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not making progress: 3 rollback(s)" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "done" not in result.stdout
+    supervision = json.loads((out / "supervisor.json").read_text())
+    assert [a["outcome"] for a in supervision["attempts"]] == ["failed"]
+    steps = [int(p.name[5:]) for p in list_checkpoints(out / "checkpoints" / "sft")]
+    assert steps and max(steps) < 20                                # the run never reached its end
+    shown = [line.split()[1].split("/") for line in result.stderr.splitlines() if line.startswith("[sft]")]
+    assert shown and all(int(n) <= int(total) == 20 for n, total in shown)  # never more steps than the total
+    assert any("redone=" in line for line in result.stderr.splitlines())
 
 
 def test_a_fault_fires_once_per_run_folder(tmp_path):

@@ -401,6 +401,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
             discard_newer(ckpt_root, back_to)
         guard.rolled_back(step)
         incidents.record("rollback", step, f"resuming from step {back_to}")
+        bar.rewind(back_to)
         return back_to
 
     def checkpoint(step: int) -> None:

@@ -41,7 +41,10 @@ Both trainers (train/sft.py, train/grpo.py) call the same hooks and use five pie
   gradient norm spikes (log norm more than `guard_zscore` std above the mean of the last
   `guard_window` accepted steps). `rollback_after` skips within the window roll back to the last
   checkpoint from before the trouble; if trouble recurs while replaying those steps it is not
-  transient, so the guard only skips. Its window and every decision are checkpointed
+  transient, so the guard only skips. When `max_rollbacks` rollbacks follow each other without
+  progress (no update applied past the step the previous rollback left), the run gives up: it
+  raises TrainingFailed (CLI exit 3) rather than rolling back forever and calling a run that never
+  trained "done". Its window and every decision are checkpointed
   (train_state.json), so a resumed run decides exactly like an uninterrupted one. GRPO asks it once
   per optimizer step (rl.updates_per_batch of them per batch); its trainer ranks feed it the loss
   and the gradient norm agreed over the group, so every rank decides alike.
@@ -89,7 +92,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, TrainingFailed
 from tandem.progress import log
 from tandem.train.checkpoint import MANIFEST, list_checkpoints
 
@@ -478,9 +481,13 @@ class StepGuard:
     """Decides, from a step's loss and pre-clip gradient norm, whether its update is applied."""
 
     def __init__(self, enabled: bool = True, window: int = 50, zscore: float = 8.0, min_history: int = 20,
-                 rollback_after: int = 3):
+                 rollback_after: int = 3, max_rollbacks: int = 3):
         self.enabled, self.window, self.zscore = enabled, window, zscore
-        self.min_history, self.rollback_after = min_history, rollback_after
+        self.min_history, self.rollback_after, self.max_rollbacks = min_history, rollback_after, max_rollbacks
+        # Rollbacks in a row without progress. Not part of the checkpointed state, so restoring the
+        # checkpoint a rollback goes back to keeps the count (simplification: a crash and resume
+        # starts it again; the supervisor bounds crashes itself).
+        self.futile_rollbacks = 0
         self.reset()
 
     def reset(self) -> None:
@@ -491,16 +498,25 @@ class StepGuard:
 
     @classmethod
     def from_config(cls, r) -> "StepGuard":
-        return cls(r.guard, r.guard_window, r.guard_zscore, r.guard_min_history, r.rollback_after)
+        return cls(r.guard, r.guard_window, r.guard_zscore, r.guard_min_history, r.rollback_after, r.max_rollbacks)
 
     def check(self, step: int, loss: float, grad_norm: float) -> Verdict:
+        """The verdict on one update; raises TrainingFailed instead of a rollback too many."""
         reason = self._trouble(loss, grad_norm) if self.enabled else ""
         if not reason:
             self.norms.append(grad_norm)
+            if step > self.replay_until:
+                self.futile_rollbacks = 0  # progress past the last rollback
             return Verdict("update")
         self.skipped.append([step, reason])
         recent = [s for s, _ in self.skipped if s > step - self.window]
         if self.rollback_after and len(recent) >= self.rollback_after and step > self.replay_until:
+            self.futile_rollbacks += 1
+            if self.max_rollbacks and self.futile_rollbacks > self.max_rollbacks:
+                raise TrainingFailed(
+                    f"training is not making progress: {self.max_rollbacks} rollback(s) in a row and the "
+                    f"updates still fail at step {step} (last: {reason}); the checkpoints of the steps done "
+                    "are kept. Lower the learning rate or check the data, or raise resilience.max_rollbacks")
             return Verdict("rollback", f"{len(recent)} skipped updates in {self.window} steps (last: {reason})")
         return Verdict("skip", reason)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from tandem import accel
 from tandem.config import Config
+from tandem.errors import ConfigError
 from tandem.model import Transformer, estimate_train_flops
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, truncate_metrics
@@ -55,6 +56,15 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> 
 def example_for(tasks: list[Task], index: int):
     """Example number `index` of the training stream: tasks interleaved round-robin."""
     return tasks[index % len(tasks)].example(index // len(tasks))
+
+
+def check_fits(max_seq_len: int, tokenizer: ChatTokenizer, tasks: list[Task], sample: int = 64) -> None:
+    """Refuse an sft.max_seq_len shorter than every example (of the first `sample` of the stream):
+    truncated, none would keep an answer to learn from, and every loss would be nan."""
+    lengths = [len(tokenizer.encode_chat(example_for(tasks, i).messages())[0]) for i in range(sample)]
+    if max_seq_len < min(lengths):
+        raise ConfigError(f"sft.max_seq_len = {max_seq_len} cannot hold one training example: they are "
+                          f"{min(lengths)}-{max(lengths)} tokens; set sft.max_seq_len >= {max(lengths)}")
 
 
 @dataclass
@@ -183,6 +193,7 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
         discard_newer(ckpt_root, back_to)
         guard.rolled_back(step)
         incidents.record("rollback", step, f"resuming from step {back_to}")
+        bar.rewind(back_to)
         return back_to
 
     checkpoint_seconds = 0.0
