@@ -5,7 +5,7 @@
 
 The port opens at once; the model loads in the background (endpoints answer 503 until it is
 ready). Ctrl-C stops accepting connections, lets in-flight requests finish for up to
---shutdown-timeout seconds, then ends the rest. See tandem/infer/server.py for the API.
+--shutdown-timeout seconds, then ends the rest with a 503 (an error event on a stream). See tandem/infer/server.py for the API.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def cmd_serve(args) -> int:
     from tandem import accel
     accel.resolve_dtype(dtype, accel.resolve_device(device))    # fail now, not in the background
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (uvicorn_server runs it)
 
-        from tandem.infer.server import ServeConfig, create_app
+        from tandem.infer.server import ServeConfig, create_app, uvicorn_server
     except ImportError as exc:
         raise TandemError(f"tandem serve needs {exc.name}: pip install 'tandem[serve]'") from None
     from tandem.loading import load_model
@@ -81,8 +81,7 @@ def cmd_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load_model(model, device, dtype), config, on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    server = uvicorn_server(app, args.shutdown_timeout, host=args.host, port=args.port, log_level="warning")
     print(f"serving {name} on http://{args.host}:{args.port}/ (OpenAI API under /v1; loading the model...)",
           flush=True)
     try:

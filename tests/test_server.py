@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -582,6 +583,76 @@ def test_serve_command_end_to_end(memo, tok, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_ctrl_c_with_requests_running_answers_each_with_its_result_or_a_503(tok, tmp_path):
+    """40 requests (half streamed) on a 4-slot server, then SIGINT with a 1 s grace period: every
+    client gets its whole answer or an OpenAI 503 (a JSON error; on a stream an error event, then
+    [DONE]), and the log holds no traceback. The model is big enough that the 40 cannot finish in
+    the grace period on any CPU (the test checks that some were cut)."""
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = Transformer(config)
+    model.reset_parameters(seed=0)
+    folder = save_as_checkpoint(model, tok, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--name", "big",
+                             "--port", str(port), "--threads", "1", "--max-batch", "4", "--shutdown-timeout", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "big", "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True}
+
+    def ask(stream: bool):
+        if not stream:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            return r.status_code, r.json()
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+            return r.status_code, [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        with ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(ask, i % 2 == 1) for i in range(40)]
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                inflight = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                            if line.startswith("tandem_requests_inflight ")]
+                if inflight and float(inflight[0].split()[1]) == 40:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            answers = [f.result() for f in futures]
+        assert proc.wait(30) == 0
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    cut = [0, 0]                     # non-streamed, streamed requests ended by the shutdown
+    for i, (status, got) in enumerate(answers):
+        if i % 2 == 0 and status == 200:
+            assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == 400
+        elif i % 2 == 0:
+            assert status == 503 and got["error"]["code"] == "shutting_down", got
+            cut[0] += 1
+        else:
+            assert status == 200 and got[-1] == "data: [DONE]", got[-3:]
+            last = json.loads(got[-2][6:])
+            if "error" in last:
+                assert last["error"]["code"] == "shutting_down"
+                cut[1] += 1
+            else:
+                assert last["choices"][0]["finish_reason"] == "length"
+    assert min(cut) >= 1, cut        # 40 x 400 tokens on 4 slots: 4000 steps cannot fit in the grace period
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,13 +5,16 @@
          -d '{"model": "demo", "messages": [{"role": "user", "content": "What is 12 + 7?"}]}'
 
     app = create_app(lambda: load_model("runs/demo"), ServeConfig(name="demo"))   # any ASGI server
+    uvicorn_server(app, shutdown_timeout=10, port=8000).run()       # with a draining Ctrl-C
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text), GET / (the chat page in web/), GET /openapi.json. Beyond
 OpenAI's parameters: top_k and ignore_eos (as vLLM). Errors are OpenAI's JSON shape
 {"error": {"message", "type", "param", "code"}}: 400 bad body / parameter / model name / prompt
 longer than the context, 404/405 wrong route, 413 body over max_body_bytes, 429 full, 503 while
-the model loads or the server stops, 500 only if generation itself fails.
+the model loads or the server stops (requests still running when a shutdown's grace period ends
+get it too, as JSON or as a stream's error event before `data: [DONE]`: see drain), 500 only if
+generation itself fails.
 
 How a request flows. The handler (asyncio) validates the body, renders the ChatML prompt, and
 turns each of the `n` choices into a `Job`. ONE background thread owns the engine: it takes jobs
@@ -365,9 +368,13 @@ class EngineLoop:
     def cancel(self, job: Job) -> None:
         self.inbox.put(("cancel", job))
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """End every job still in the engine (with an error event) and stop the thread."""
+    def halt(self) -> None:
+        """Ask the thread to end every job still in the engine (with a 503 event) and stop."""
         self.inbox.put(("stop", None))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """halt(), and wait for the thread to end."""
+        self.halt()
         self.thread.join(timeout)
 
     def _run(self) -> None:
@@ -661,6 +668,40 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None,
         return await run.complete(request)
 
     return app
+
+
+async def drain(app: FastAPI, timeout: float) -> None:
+    """A graceful stop: admit nothing new (503), give the running requests `timeout` seconds to
+    finish, then end the rest with a 503: an OpenAI JSON error, or on a stream an error event and
+    `data: [DONE]`. Returns once every request has had its answer handed over."""
+    state: _State = app.state.tandem
+    state.closing = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while state.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if state.inflight and state.engine_loop is not None:
+        log.info("shutting down: ending the %d sequence(s) still running with 503", state.inflight)
+        state.engine_loop.halt()
+        deadline = loop.time() + 10       # the engine thread ends them after its current step
+        while state.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+
+def uvicorn_server(app: FastAPI, shutdown_timeout: float, **config):
+    """A uvicorn.Server for create_app()'s app whose Ctrl-C stops listening, then drains (above):
+    uvicorn alone would cancel the requests still running at its timeout, answering a plain-text
+    500 or cutting a stream short, and log each cancelled task's traceback."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            for server in self.servers:
+                server.close()
+            await drain(app, shutdown_timeout)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout, **config))
 
 
 def _install_errors(app: FastAPI) -> None:
