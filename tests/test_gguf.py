@@ -219,3 +219,25 @@ def test_llama_cpp_matches_when_installed(smoke_run, tmp_path):
     assert report["metrics"]["prompt_token_match"] == 1.0
     assert report["metrics"]["greedy_match"] == 1.0, report["worst"]
     assert report["metrics"]["logprob_max_abs"] < 1e-3
+
+
+def test_a_llama_cpp_crash_is_one_line_and_leaves_nothing_behind(smoke_run, tmp_path):
+    """The llamacpp backend runs in a child: killing that child with SIGSEGV mid-use (what a
+    llama.cpp kernel fault does) gives a one-line error naming the type and what to try, and the
+    temporary GGUF export is removed."""
+    pytest.importorskip("llama_cpp")
+    import os
+    import signal
+
+    from tandem.infer.backends import open_backend
+    from tandem.isolate import ChildCrashed
+    backend = open_backend("llamacpp:q8_0", smoke_run)
+    temp = backend._tmp
+    assert temp is not None and temp.exists()
+    os.kill(backend.child.process.pid, signal.SIGSEGV)
+    with pytest.raises(ChildCrashed) as err:
+        backend.generate([[backend.eos_id]])
+    assert str(err.value).startswith("llama.cpp crashed (signal 11, SIGSEGV) running q8_0")
+    assert "try llamacpp:f32 or llamacpp:f16" in str(err.value) and "\n" not in str(err.value)
+    backend.close()
+    assert not temp.exists()

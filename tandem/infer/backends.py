@@ -14,7 +14,9 @@ Backend specs (`parse_backend`):
     hf[:DEVICE[:DTYPE]]      transformers' AutoModelForCausalLM on an HF folder; a tandem run is
                              exported to a temporary HF folder first (pip install 'tandem[hf]')
     llamacpp[:f32|f16|q8_0]  llama-cpp-python on a .gguf file (pip install 'tandem[llamacpp]'); a run
-                             or HF folder is exported to a temporary GGUF of that type first
+                             or HF folder is exported to a temporary GGUF of that type first. It
+                             runs in a child process: a crash of llama.cpp on this CPU is a
+                             one-line error ("llama.cpp crashed (signal 11, SIGSEGV) ...; try ...")
 
 Every backend tokenizes text prompts with ITS OWN tokenizer (transformers' from tokenizer.json,
 llama.cpp's from the GGUF), because that is part of what differs between runtimes; token ids are
@@ -43,6 +45,7 @@ from tandem.infer.engine import SamplingParams
 KINDS = ("torch", "hf", "llamacpp")
 DTYPES = ("fp32", "bf16", "fp16")
 GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0"}   # GGUF general.file_type (llama.cpp's LLAMA_FTYPE_*)
 # backend -> (import name, distribution name, pip extra)
 PACKAGES = {"hf": ("transformers", "transformers", "hf"),
             "llamacpp": ("llama_cpp", "llama_cpp_python", "llamacpp")}
@@ -457,6 +460,56 @@ class LlamaCppBackend(Backend):
         super().close()
 
 
+class LlamaCppProcess(Backend):
+    """The llamacpp backend as open_backend gives it: LlamaCppBackend in a child process
+    (tandem/isolate.py), so a crash in llama.cpp's native code (a segfault in a quantised kernel
+    on some CPUs) is a one-line BackendError naming what to try instead, not the end of tandem.
+    A run or HF folder is exported to a temporary GGUF here, in the parent, so a crash cannot
+    leave that folder behind."""
+
+    def __init__(self, spec: BackendSpec, model_path, seed: int = 0):
+        super().__init__()
+        check_installed(spec)
+        from tandem.export.gguf import find_gguf, is_gguf
+        from tandem.isolate import Child
+        self.spec = spec
+        path = Path(model_path)
+        if not path.exists():
+            raise BackendError(f"model path not found: {path}")
+        file = find_gguf(path) if is_gguf(path) else None
+        if file is None:
+            self._tmp, file = _export_temp(path, "gguf", spec.gguf_type)
+        kind = GGUF_FILE_TYPES.get(_gguf_meta(file).get("general.file_type"), spec.gguf_type)
+        others = " or ".join(f"llamacpp:{t}" for t in GGUF_TYPES if t != kind)
+        try:
+            self.child = Child(LlamaCppBackend, spec, file, seed, what="llama.cpp",
+                               subject=f"{kind} ({file.name}) on this CPU", hint=f"; try {others}")
+            self.eos_id = self.child.call("__getattribute__", "eos_id")
+            self.vocab_size = self.child.call("__getattribute__", "vocab_size")
+        except BaseException:
+            self.close()
+            raise
+
+    def encode(self, text):
+        return self.child.call("encode", text)
+
+    def decode(self, ids):
+        return self.child.call("decode", list(ids))
+
+    def _generate_ids(self, prompts, params):
+        return self.child.call("_generate_ids", prompts, params)
+
+    def _logits(self, ids):
+        return self.child.call("_logits", list(ids))
+
+    def close(self):
+        child = getattr(self, "child", None)
+        if child is not None:
+            self.child = None
+            child.close()
+        super().close()
+
+
 def _gguf_meta(file: Path) -> dict:
     try:
         from tandem.export.gguf import read_gguf_metadata
@@ -481,7 +534,7 @@ def open_backend(spec: str | BackendSpec, model_path, max_batch: int = 32, seed:
         return TorchBackend(spec, model_path, max_batch=max_batch, seed=seed)
     if spec.kind == "hf":
         return HFBackend(spec, model_path, seed=seed)
-    return LlamaCppBackend(spec, model_path, seed=seed)
+    return LlamaCppProcess(spec, model_path, seed=seed)
 
 
 def available_backends() -> list[dict]:
