@@ -12,13 +12,13 @@ defaults. Mistakes raise ConfigError naming the key and what is allowed:
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.errors import ConfigError
 from tandem.model import ModelConfig
+from tandem.tomlcompat import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
