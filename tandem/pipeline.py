@@ -9,6 +9,7 @@ cheap tail (eval, report).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from tandem.evaluate import evaluate_task
 from tandem.infer.engine import Engine
 from tandem.ledger import Ledger
 from tandem.loading import load_model
+from tandem.peak import run_peaks
 from tandem.progress import log
 from tandem.report import write_report
 from tandem.runs import prepare_run, read_summary, update_summary
@@ -64,8 +66,12 @@ def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     run_dir = prepare_run(out, cfg)
     tokenizer = ensure_tokenizer(cfg, run_dir, tasks)
     stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress)
+    peaks = run_peaks(run_dir, stats["device"], ["fp32", cfg.sft.dtype],
+                      dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size),
+                      tokens=cfg.sft.batch_size * cfg.sft.max_seq_len)
     ledger = Ledger.from_dict(read_summary(run_dir).get("ledger"))
-    ledger.add("sft", stats["device_kind"], stats["seconds"], stats["tokens"], stats["flops"])
+    ledger.add("sft", stats["device_kind"], stats["seconds"], stats["tokens"], stats["flops"],
+               peak_flops=peaks[cfg.sft.dtype])
     update_summary(run_dir, parameters=stats["parameters"], sft=stats, ledger=ledger.to_dict())
     return run_dir
 
