@@ -80,14 +80,6 @@ def staging(out: str | Path, force: bool):
         raise
 
 
-def _run_folder(path: Path) -> Path | None:
-    """The run folder `path` belongs to (itself or a checkpoint's run), if any."""
-    for candidate in (path, *path.parents):
-        if (candidate / "config.json").is_file() and (candidate / "checkpoints").is_dir():
-            return candidate
-    return None
-
-
 def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: bool = False,
                  dtype: str = "auto", max_shard_size: str | int | None = None, gguf_type: str = "f16",
                  gate: str | None = None, gate_target: str | None = None, gate_task: str | None = None,
@@ -99,7 +91,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
     against it (target: gate_target, default "hf" for HF exports and "llamacpp" for GGUF).
     """
     from tandem.export.hf import DEFAULT_MAX_SHARD, PROVENANCE, write_hf
-    from tandem.loading import load_weights
+    from tandem.loading import load_weights, run_folder
     from tandem.model import weights_fingerprint
     from tandem.progress import log
 
@@ -119,7 +111,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
                                      if not (config.tie_word_embeddings and k == "lm_head.weight")})
     provenance = {"format": fmt, "source": info.get("path"), "source_kind": info.get("kind"),
                   "step": info.get("step"), "phase": info.get("phase"), "source_fingerprint": source_fp}
-    run_dir = _run_folder(Path(model))
+    run_dir = run_folder(Path(model))
     if run_dir is not None:
         run_config = json.loads((run_dir / "config.json").read_text())
         provenance["tasks"] = run_config["data"]["tasks"]
