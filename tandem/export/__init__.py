@@ -11,7 +11,9 @@ the new one is complete (and gated). A run with no committed checkpoint is refus
 
 With a gate (`--gate REF`), the staged export is run through `tandem parity` against the source
 model on REF before it is published; if it fails its thresholds the staged folder is deleted and
-GateFailure is raised (the CLI exits 1). `run_export_stage` is the pipeline's last stage: it
+GateFailure is raised (the CLI exits 1). An HF export carries a model card (README.md,
+export/card.py) with the run's training figures, ledger, accuracies and this gate's result.
+`run_export_stage` is the pipeline's last stage: it
 exports the formats listed in the run config's [export] section to runs/NAME/export/FORMAT.
 """
 
@@ -143,6 +145,12 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
             if not gate_report["passed"]:
                 raise GateFailure(f"export failed its parity gate against {gate}: "
                                   f"{'; '.join(gate_report['failures'])}; nothing was published", gate_report)
+        if fmt == "hf":  # the model card: training figures, ledger, accuracies, this gate (export/card.py)
+            from tandem.export.card import CARD, model_card
+            from tandem.runs import read_summary
+            summary = read_summary(run_dir) if run_dir is not None else {}
+            (tmp / CARD).write_text(model_card(provenance, config.arch, config.num_parameters(), summary, gate_report))
+            provenance["files"].append(CARD)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     if gate_report is not None and record and run_dir is not None:
         from tandem.parity import record_parity
