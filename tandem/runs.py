@@ -47,7 +47,7 @@ def prepare_run(out: str | Path, cfg: Config) -> Path:
     if config_path.is_file():
         previous = with_new_defaults(json.loads(config_path.read_text()))
         diffs = config_diff(previous, resolved)
-        if len(diffs) == 1 and diffs[0].startswith("sft.steps:"):
+        if len(diffs) == 1 and diffs[0].startswith("sft.steps:") and resolved["sft"]["steps"] > previous["sft"]["steps"]:
             raise ConfigError(f"run folder {run_dir} holds a different config ({diffs[0]}); to train longer, use "
                               f"--init {run_dir} --out NEW (a new run from its last checkpoint)")
         if diffs:
