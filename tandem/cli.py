@@ -2,6 +2,7 @@
 
     tandem pipeline --preset tiny --out runs/demo     SFT -> eval -> GRPO -> eval -> export + gate -> report
     tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
+    tandem sft      --preset smoke --init runs/s --out runs/s2 --set sft.steps=400   train runs/s longer
     tandem rl       --init runs/s --out runs/r        GRPO with rollout workers (tandem/cli_rl.py)
     tandem eval     --model runs/demo [--task addition] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("sft", help="supervised fine-tuning (resumes in the same --out)")
     _add_config_args(p)
+    p.add_argument("--init", help="start from the newest committed checkpoint of a tandem run (or a checkpoint "
+                   "folder) instead of random weights, e.g. to train a finished run longer: its weights and "
+                   "tokenizer are taken, the optimizer starts fresh (AdamW moments are not carried over) and "
+                   "the schedule (warmup + cosine) spans this run's sft.steps; the model config must match it")
     cli_rl.add_parser(sub)
 
     p = sub.add_parser("eval", help="accuracy on a task's held-out split")
@@ -122,7 +127,10 @@ def cmd_pipeline(args) -> int:
 
 def cmd_sft(args) -> int:
     from tandem.pipeline import run_sft_stage
-    run_dir = run_sft_stage(_config(args), args.out, progress=not args.quiet)
+    cfg = _config(args)
+    if args.init:
+        cfg.sft.init = args.init  # recorded in config.json: a rerun with another --init is refused
+    run_dir = run_sft_stage(cfg, args.out, progress=not args.quiet)
     print(f"done: {run_dir}")
     return 0
 

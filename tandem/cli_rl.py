@@ -7,21 +7,43 @@
 
 --init is a run folder (its newest checkpoint: RL's if any, else SFT's), a checkpoint folder, or an
 HF Llama/Qwen2 folder. The model's shape comes from --init; the config's [model] section is not
-used. Rerunning the same command into the same --out resumes from the newest RL checkpoint.
+used. From a tandem run, data.tasks and data.task_params are the run's own (its config.json), each
+unless --set names it. Rerunning the same command into the same --out resumes from the newest RL
+checkpoint.
 Under torchrun, ranks >= rl.trainers become rollout workers and ignore --init/--out.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
     from tandem.cli import _add_config_args
     p = sub.add_parser("rl", help="GRPO with trainer and rollout roles (resumes in the same --out)")
-    p.add_argument("--init", required=True, help="the model RL starts from: a run, a checkpoint or an HF folder")
+    p.add_argument("--init", required=True, help="the model RL starts from: a run, a checkpoint or an HF folder; "
+                   "from a tandem run, data.tasks and data.task_params are inherited from its config.json "
+                   "unless given with --set")
     _add_config_args(p)
+
+
+def inherit_tasks(cfg, init: str, overrides: list[str]) -> None:
+    """data.tasks / data.task_params from the init run's config.json (a tandem run or one of its
+    checkpoints), each unless --set names it, so RL trains on the tasks the model was SFT'd on."""
+    from tandem.config import parse_override, validate
+    from tandem.loading import run_folder
+    run = run_folder(Path(init))
+    if run is None:  # an HF folder: the config's tasks
+        return
+    given = {parse_override(text)[:2] for text in overrides}
+    data = json.loads((run / "config.json").read_text()).get("data", {})
+    for key in ("tasks", "task_params"):
+        if ("data", key) not in given and key in data:
+            setattr(cfg.data, key, data[key])
+    validate(cfg)
 
 
 def cmd_rl(args) -> int:
@@ -31,6 +53,7 @@ def cmd_rl(args) -> int:
     launched = rollout.torchrun_env()
     if launched and launched[0] >= cfg.rl.trainers:   # this torchrun rank is a rollout worker
         return exit_now(rollout.main([]))
+    inherit_tasks(cfg, args.init, args.overrides)
     from tandem.train.grpo import run_rl_stage
     run_dir = run_rl_stage(cfg, args.init, args.out, progress=not args.quiet)
     print(f"done: {run_dir}")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.errors import ConfigError
 from tandem.model import ModelConfig
+from tandem.tomlcompat import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -46,6 +46,8 @@ class DataConfig:
 @dataclass
 class SFTConfig:
     steps: int = 200          # optimizer steps
+    init: str = ""            # "" = from scratch; else a tandem run (or checkpoint) whose newest committed
+                              # weights and tokenizer SFT starts from (`tandem sft --init`; fresh optimizer)
     batch_size: int = 32      # sequences per micro-batch
     grad_accum: int = 1       # micro-batches per optimizer step
     lr: float = 3e-3          # peak learning rate

@@ -4,8 +4,9 @@
     ledger.add("sft", "cpu", seconds=12.5, tokens=400_000, flops=3.1e12)
     summary["ledger"] = ledger.to_dict()
 
-Utilisation is achieved FLOP/s over the device's peak where accel knows a peak; on CPU none is
-claimed, and the achieved FLOP/s is reported alone.
+Utilisation is achieved FLOP/s over the device's matmul peak, measured at the model's shapes in
+the phase's dtype (tandem/peak.py), on every device, CPU included. A row whose FLOPs are not
+counted (eval, weight sync) has no utilisation ("n/a").
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class Ledger:
         row["seconds"] += seconds
         row["tokens"] += tokens
         row["flops"] += flops
+        if peak_flops:
+            row["peak_flops"] = peak_flops
 
     def to_dict(self) -> list[dict]:
         out = []
@@ -30,7 +33,7 @@ class Ledger:
             out.append({"phase": phase, "device_kind": kind, "device_seconds": round(row["seconds"], 3),
                         "tokens": row["tokens"], "flops": row["flops"], "achieved_flops_per_s": achieved,
                         "peak_flops": row["peak_flops"],
-                        "utilisation": achieved / row["peak_flops"] if row["peak_flops"] else None})
+                        "utilisation": achieved / row["peak_flops"] if row["peak_flops"] and achieved else None})
         return out
 
     @classmethod
@@ -43,10 +46,11 @@ class Ledger:
         return ledger
 
     def markdown(self) -> str:
-        lines = ["| phase | device | device-seconds | tokens | FLOPs | achieved FLOP/s | utilisation |",
-                 "|---|---|---:|---:|---:|---:|---:|"]
+        lines = ["| phase | device | device-seconds | tokens | FLOPs | achieved FLOP/s | measured peak FLOP/s "
+                 "| utilisation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in self.to_dict():
             util = f"{row['utilisation']:.1%}" if row["utilisation"] is not None else "n/a"
+            peak = f"{row['peak_flops']:.3g}" if row["peak_flops"] else "n/a"
             lines.append(f"| {row['phase']} | {row['device_kind']} | {row['device_seconds']:.1f} | "
-                         f"{row['tokens']:,} | {row['flops']:.3g} | {row['achieved_flops_per_s']:.3g} | {util} |")
+                         f"{row['tokens']:,} | {row['flops']:.3g} | {row['achieved_flops_per_s']:.3g} | {peak} | {util} |")
         return "\n".join(lines)

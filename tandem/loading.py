@@ -43,6 +43,29 @@ def find_checkpoint(path: Path) -> Path | None:
     return None
 
 
+def run_folder(path: Path) -> Path | None:
+    """The run folder `path` belongs to (itself or a checkpoint's run), if any."""
+    for candidate in (path, *path.parents):
+        if (candidate / "config.json").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def init_run(path: str | Path) -> tuple[Path, Path]:
+    """(run folder, its newest committed checkpoint) for a tandem run or checkpoint that an --init
+    names; ModelError when it is not one, or when its run has no config.json."""
+    path = Path(path)
+    checkpoint = find_checkpoint(path) if path.is_dir() else None
+    if checkpoint is None:
+        raise ModelError(f"--init {path} is not a tandem run or checkpoint with a committed checkpoint "
+                         "(expected runs/NAME with config.json + checkpoints/, or one of its checkpoint folders)")
+    run = run_folder(checkpoint)
+    if run is None:
+        raise ModelError(f"--init {path}: no config.json in the run folder around {checkpoint}; "
+                         "--init needs a whole tandem run folder (config.json + checkpoints/)")
+    return run, checkpoint
+
+
 def is_hf_folder(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():

@@ -284,8 +284,8 @@ def run_parity(model, ref, target, target_model=None, task: str | None = None, n
               "max_new_tokens": max_new_tokens, "profile": profile, "thresholds": limits,
               "failures": failures, "passed": not failures, "seconds": time.perf_counter() - started, **result}
     if record:
-        from tandem.export import _run_folder
-        run_dir = _run_folder(Path(model))
+        from tandem.loading import run_folder
+        run_dir = run_folder(Path(model))
         if run_dir is not None:
             record_parity(run_dir, report)
     return report

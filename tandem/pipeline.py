@@ -9,16 +9,19 @@ cheap tail (eval, report).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
 from tandem import accel
-from tandem.config import Config
+from tandem.config import Config, config_diff
+from tandem.errors import ConfigError
 from tandem.evaluate import evaluate_task
 from tandem.infer.engine import Engine
 from tandem.ledger import Ledger
-from tandem.loading import load_model
+from tandem.loading import init_run, load_model, load_weights
+from tandem.peak import run_peaks
 from tandem.progress import log
 from tandem.report import write_report
 from tandem.runs import prepare_run, read_summary, update_summary
@@ -32,11 +35,14 @@ def build_tasks(cfg: Config) -> list[Task]:
     return [get_task(name, seed=cfg.run.seed, **cfg.data.task_params.get(name, {})) for name in cfg.data.tasks]
 
 
-def run_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task]) -> ChatTokenizer:
-    """The run's tokenizer if it has one, else the BPE trained on the task corpus (not yet saved)."""
+def run_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task], init: ChatTokenizer | None = None) -> ChatTokenizer:
+    """The run's tokenizer if it has one, else the init model's (sft.init) as is, else the BPE
+    trained on the task corpus (not yet saved)."""
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return ChatTokenizer.load(folder)
+    if init is not None:
+        return init
     per_task = max(1, cfg.tokenizer.corpus_size // len(tasks))
     texts = [text for task in tasks for text in task.corpus(per_task)]
     return train_tokenizer(texts, cfg.tokenizer.vocab_size)
@@ -72,15 +78,36 @@ def check_runnable(cfg: Config) -> list[Task]:
     return build_tasks(cfg)
 
 
+def load_sft_init(cfg: Config) -> tuple[dict, ChatTokenizer, dict] | None:
+    """(weights, tokenizer, info) of the model SFT starts from with sft.init (`tandem sft --init`),
+    checked against the config before anything is written; None when SFT starts from scratch."""
+    if not cfg.sft.init:
+        return None
+    _, checkpoint = init_run(cfg.sft.init)
+    config, weights, tokenizer, info = load_weights(checkpoint)
+    diffs = config_diff(config.to_dict(), dataclasses.replace(cfg.model, vocab_size=config.vocab_size).to_dict())
+    if diffs:
+        raise ConfigError(f"--init {cfg.sft.init} holds a model of another shape than the config "
+                          f"(init -> config: {'; '.join(diffs[:3])}); use the init run's --preset and model settings")
+    return weights, tokenizer, info
+
+
 def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     tasks = check_runnable(cfg)
-    tokenizer = run_tokenizer(cfg, Path(out), tasks)
+    init = load_sft_init(cfg)
+    tokenizer = run_tokenizer(cfg, Path(out), tasks, init[1] if init else None)
     check_fits(cfg.sft.max_seq_len, tokenizer, tasks)  # before anything is written
     run_dir = prepare_run(out, cfg)
     save_tokenizer(tokenizer, run_dir)
-    stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress)
+    stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress, init_weights=init[0] if init else None)
+    if init:
+        stats["init"] = {"path": init[2]["path"], "step": init[2]["step"], "phase": init[2]["phase"]}
+    peaks = run_peaks(run_dir, stats["device"], ["fp32", cfg.sft.dtype],
+                      dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size),
+                      tokens=cfg.sft.batch_size * cfg.sft.max_seq_len)
     ledger = Ledger.from_dict(read_summary(run_dir).get("ledger"))
-    ledger.add("sft", stats["device_kind"], stats["seconds"], stats["tokens"], stats["flops"])
+    ledger.add("sft", stats["device_kind"], stats["seconds"], stats["tokens"], stats["flops"],
+               peak_flops=peaks[cfg.sft.dtype])
     update_summary(run_dir, parameters=stats["parameters"], sft=stats, ledger=ledger.to_dict())
     return run_dir
 

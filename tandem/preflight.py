@@ -20,11 +20,11 @@ Each check has a status: ok, warn (works with a caveat or a flag), fail (will no
 from __future__ import annotations
 
 import json
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 from tandem.errors import ModelError, TandemError
+from tandem.tomlcompat import tomllib
 
 TARGETS_FILE = Path(__file__).with_name("preflight_targets.toml")
 

@@ -33,7 +33,7 @@ def plot_series(run_dir: Path, phase: str, key: str, filename: str, title: str) 
     return f"plots/{filename}"
 
 
-def _accuracy_table(evals: dict) -> list[str]:
+def accuracy_table(evals: dict) -> list[str]:
     lines = ["| stage | task | n | accuracy | format rate | avg tokens |", "|---|---|---:|---:|---:|---:|"]
     for stage, by_task in evals.items():
         for task, r in by_task.items():
@@ -66,7 +66,7 @@ def write_report(run_dir: Path) -> Path:
     lines += [f"Preset `{config.get('preset') or 'custom'}`, {summary.get('parameters', 0):,} parameters, "
               f"tasks: {', '.join(config['data']['tasks'])}.", ""]
     if summary.get("evals"):
-        lines += ["## Held-out accuracy (greedy pass@1)", ""] + _accuracy_table(summary["evals"]) + [""]
+        lines += ["## Held-out accuracy (greedy pass@1)", ""] + accuracy_table(summary["evals"]) + [""]
     sft = summary.get("sft")
     if sft:
         lines += ["## SFT", "", f"{sft['steps']} steps on `{sft['device']}`, "

@@ -31,14 +31,25 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def with_new_defaults(previous: dict) -> dict:
+    """A run's config.json with the fields added to tandem since it was written, at their defaults
+    (a run made before a field existed ran as if it had its default)."""
+    defaults = Config().to_dict()
+    return {key: {**defaults[key], **value} if isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            else value for key, value in previous.items()}
+
+
 def prepare_run(out: str | Path, cfg: Config) -> Path:
     """Create runs/NAME (or check that it holds this same config) and write config.json."""
     run_dir = Path(out)
     config_path = run_dir / "config.json"
     resolved = cfg.to_dict()
     if config_path.is_file():
-        previous = json.loads(config_path.read_text())
+        previous = with_new_defaults(json.loads(config_path.read_text()))
         diffs = config_diff(previous, resolved)
+        if len(diffs) == 1 and diffs[0].startswith("sft.steps:") and resolved["sft"]["steps"] > previous["sft"]["steps"]:
+            raise ConfigError(f"run folder {run_dir} holds a different config ({diffs[0]}); to train longer, use "
+                              f"--init {run_dir} --out NEW (a new run from its last checkpoint)")
         if diffs:
             raise ConfigError(f"run folder {run_dir} holds a different config ({'; '.join(diffs[:3])}); "
                               "use a new --out, or rerun with the same settings to resume")

@@ -1,5 +1,7 @@
 """Presets load, overrides apply, and every mistake names the key and what is allowed."""
 
+from pathlib import Path
+
 import pytest
 
 from tandem.config import config_from_dict, load_config, parse_override, presets
@@ -53,3 +55,21 @@ def test_config_file(tmp_path):
     path.write_text("[sft\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path=path)
+
+
+def test_package_stays_python_3_10_compatible():
+    """pyproject.toml promises 3.10: the grammar parses as 3.10 (best effort: ast's feature_version),
+    and TOML goes through tandem/tomlcompat.py only (tomllib is 3.11+; 3.10 gets tomli)."""
+    import ast
+    package = Path(__file__).resolve().parent.parent / "tandem"
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
+        if path.name == "tomlcompat.py":
+            continue
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            assert not {"tomllib", "tomli"} & set(names), f"{path}: import TOML via tandem.tomlcompat"
+            if isinstance(node, ast.ImportFrom) and node.module in ("typing", "enum", "datetime"):
+                late = {a.name for a in node.names} & {"Self", "StrEnum", "UTC", "LiteralString", "Never"}
+                assert not late, f"{path}: {late} is Python 3.11+"

@@ -94,6 +94,29 @@ def test_transformers_loads_export_with_same_logits_prompts_and_greedy(smoke_run
         assert out[0, len(seq):].tolist() == gen.token_ids
 
 
+def test_export_carries_a_model_card_with_the_runs_evidence(smoke_run):
+    from huggingface_hub import ModelCard
+    from tandem.parity import METRICS, _fmt
+    folder = smoke_run / "export" / "hf"
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    card = ModelCard.load(folder / "README.md")                 # the Hub's own parser of the front matter
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "tandem" in card.data.tags and "addition" in card.data.tags
+    text = card.text
+    for stage, by_task in summary["evals"].items():               # held-out accuracies, every stage
+        for task, result in by_task.items():
+            assert f"| {stage} | {task} | {result['n']} | {result['accuracy']:.1%} |" in text
+    gate = summary["parity"]["torch:cpu:fp32 vs hf:cpu:fp32"]     # the gate this export passed
+    assert "**PASS**" in text and f"{gate['n']} held-out" in text
+    for name in METRICS:
+        if name in gate["thresholds"]:
+            assert f"| {_fmt(gate['metrics'][name])} | " in text and f" {_fmt(gate['thresholds'][name])} | ok |" in text
+    sft = summary["sft"]
+    assert f"| SFT | {sft['steps']} | `{sft['device']}` | {sft['seconds']:.1f} | {sft['tokens']:,} |" in text
+    assert "## Compute ledger" in text and "README.md" in json.loads((folder / "tandem_export.json").read_text())["files"]
+    transformers.AutoModelForCausalLM.from_pretrained(folder)     # stock transformers still loads the folder
+
+
 def test_inspect_of_export_shows_the_runs_fingerprint(smoke_run):
     from tandem.loading import load_model
     result = run_tandem("inspect", smoke_run / "export" / "hf", "--json")

@@ -3,7 +3,6 @@ and no vendor name leaks into the portability code."""
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 
@@ -36,6 +35,7 @@ def _hf_like(tmp_path, **overrides):
 
 def test_every_target_and_rule_cites_a_source():
     from tandem.preflight import TARGETS_FILE, load_targets
+    from tandem.tomlcompat import tomllib
     targets = load_targets()
     assert set(targets) == {"cpu", "cuda", "npu", "llamacpp", "vllm", "vllm-ascend", "mindie"}
     for name, t in targets.items():

@@ -11,7 +11,9 @@ the new one is complete (and gated). A run with no committed checkpoint is refus
 
 With a gate (`--gate REF`), the staged export is run through `tandem parity` against the source
 model on REF before it is published; if it fails its thresholds the staged folder is deleted and
-GateFailure is raised (the CLI exits 1). `run_export_stage` is the pipeline's last stage: it
+GateFailure is raised (the CLI exits 1). An HF export carries a model card (README.md,
+export/card.py) with the run's training figures, ledger, accuracies and this gate's result.
+`run_export_stage` is the pipeline's last stage: it
 exports the formats listed in the run config's [export] section to runs/NAME/export/FORMAT.
 """
 
@@ -80,14 +82,6 @@ def staging(out: str | Path, force: bool):
         raise
 
 
-def _run_folder(path: Path) -> Path | None:
-    """The run folder `path` belongs to (itself or a checkpoint's run), if any."""
-    for candidate in (path, *path.parents):
-        if (candidate / "config.json").is_file() and (candidate / "checkpoints").is_dir():
-            return candidate
-    return None
-
-
 def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: bool = False,
                  dtype: str = "auto", max_shard_size: str | int | None = None, gguf_type: str = "f16",
                  gate: str | None = None, gate_target: str | None = None, gate_task: str | None = None,
@@ -99,7 +93,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
     against it (target: gate_target, default "hf" for HF exports and "llamacpp" for GGUF).
     """
     from tandem.export.hf import DEFAULT_MAX_SHARD, PROVENANCE, write_hf
-    from tandem.loading import load_weights
+    from tandem.loading import load_weights, run_folder
     from tandem.model import weights_fingerprint
     from tandem.progress import log
 
@@ -119,7 +113,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
                                      if not (config.tie_word_embeddings and k == "lm_head.weight")})
     provenance = {"format": fmt, "source": info.get("path"), "source_kind": info.get("kind"),
                   "step": info.get("step"), "phase": info.get("phase"), "source_fingerprint": source_fp}
-    run_dir = _run_folder(Path(model))
+    run_dir = run_folder(Path(model))
     if run_dir is not None:
         run_config = json.loads((run_dir / "config.json").read_text())
         provenance["tasks"] = run_config["data"]["tasks"]
@@ -151,6 +145,12 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
             if not gate_report["passed"]:
                 raise GateFailure(f"export failed its parity gate against {gate}: "
                                   f"{'; '.join(gate_report['failures'])}; nothing was published", gate_report)
+        if fmt == "hf":  # the model card: training figures, ledger, accuracies, this gate (export/card.py)
+            from tandem.export.card import CARD, model_card
+            from tandem.runs import read_summary
+            summary = read_summary(run_dir) if run_dir is not None else {}
+            (tmp / CARD).write_text(model_card(provenance, config.arch, config.num_parameters(), summary, gate_report))
+            provenance["files"].append(CARD)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     if gate_report is not None and record and run_dir is not None:
         from tandem.parity import record_parity

@@ -13,6 +13,7 @@ vLLM, vLLM-Ascend and MindIE, which read the same files) expect:
     tokenizer.json                 our byte-level BPE, unchanged
     tokenizer_config.json          ChatML chat template: apply_chat_template == our prompt format
     tandem_export.json             provenance: source run, step, weight fingerprint, gate result
+    README.md                      model card: training figures, ledger, accuracies, gate (export/card.py)
 
 Tensor names are already HF's (tandem/model.py), so exporting is a dtype cast at most and the weight
 fingerprint of an fp32 export equals the run's. config.json carries both the transformers 4.x keys

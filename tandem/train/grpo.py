@@ -116,6 +116,7 @@ from tandem.errors import ConfigError, DataError, ModelError
 from tandem.ledger import Ledger
 from tandem.loading import find_checkpoint, load_weights
 from tandem.model import Transformer, estimate_train_flops, weights_fingerprint
+from tandem.peak import run_peaks
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
@@ -461,6 +462,9 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
         update_summary(run_dir, ledger=ledger.to_dict(), rl_totals=dict(totals, worker_faults=worker_faults()))
 
     trainer_kind, flops_fwd = accel.device_kind(device), model_config.flops_per_token()
+    rows = r.micro_batch_size or r.prompts_per_step * r.group_size
+    peak = (run_peaks(run_dir, device, ["fp32", r.dtype], model_config,
+                      tokens=rows * (r.max_prompt_len + r.max_new_tokens))[r.dtype] if leader else None)
     reported: set[str] = set()
     rollouts = None
 
@@ -626,7 +630,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
             update_tokens = batch_tokens * r.updates_per_batch
             ledger.add("policy_update", trainer_kind, update_seconds * world, update_tokens,
                        estimate_train_flops(model_config, update_tokens)
-                       + (flops_fwd * batch_tokens if reference is not None else 0))
+                       + (flops_fwd * batch_tokens if reference is not None else 0), peak_flops=peak)
             ledger.add("weight_sync", trainer_kind, sync["seconds"])
             for kind, seconds in result.sync_seconds.items():
                 ledger.add("weight_sync", kind, seconds)

@@ -127,11 +127,14 @@ def new_model(cfg: Config, vocab_size: int, device, seed: int) -> Transformer:
 
 
 def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[Task],
-              progress: bool = True, stop_after: int | None = None) -> dict:
+              progress: bool = True, stop_after: int | None = None,
+              init_weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Run (or resume) SFT in run_dir; returns timing/throughput figures for the summary.
 
     stop_after: return right after step `stop_after` is done and checkpointed, as if the process
     had been interrupted there (tests of exact resume use it).
+    init_weights: the weights step 0 starts from (sft.init) instead of a seeded random init; the
+    optimizer starts fresh and the schedule (warmup + cosine) spans this run's sft.steps.
     """
     s, r = cfg.sft, cfg.resilience
     run_dir = Path(run_dir)
@@ -164,7 +167,10 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
         nonlocal useful_seconds
         if folder is None:
             for model, optimizer in zip(models, optimizers):
-                model.reset_parameters(cfg.run.seed)
+                if init_weights is None:
+                    model.reset_parameters(cfg.run.seed)
+                else:
+                    model.load_checkpoint_state({k: v.to(device) for k, v in init_weights.items()})
                 optimizer.state.clear()
             accel.manual_seed(cfg.run.seed)
             guard.reset()
