@@ -357,6 +357,29 @@ def versions() -> dict:
     return info
 
 
+def set_deterministic(device: torch.device | str, on: bool = True) -> None:
+    """Deterministic kernels (on: the same inputs give the same bits, run after run) or the fast,
+    nondeterministic ones, process-wide, for training on `device` (run.deterministic).
+
+    On: torch.use_deterministic_algorithms (warn_only: an op with no deterministic kernel warns
+    rather than crashes, so a bitwise claim can still fail there; the warning names it), and per
+    vendor: CUDA gets CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reproducible across streams; set
+    before its first use in this process, as here at startup), cuDNN's deterministic mode, and
+    scaled_dot_product_attention restricted to the math kernel (flash and memory-efficient backward
+    accumulate with atomics; math costs memory quadratic in the sequence length); Ascend gets
+    HCCL_DETERMINISTIC (ordered reductions). CPU kernels are deterministic per thread count."""
+    device = torch.device(device)
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    if device.type == "cuda":
+        if on:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, False
+        torch.backends.cuda.enable_flash_sdp(not on)
+        torch.backends.cuda.enable_mem_efficient_sdp(not on)
+    elif device.type == "npu" and on:
+        os.environ.setdefault("HCCL_DETERMINISTIC", "true")
+
+
 def set_threads(threads: int | None) -> int:
     """Fix torch's intra-op thread count (determinism holds per thread count); returns it."""
     if threads:

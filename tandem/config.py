@@ -28,6 +28,8 @@ class RunConfig:
     seed: int = 0             # seeds data order, init and sampling; same seed => same weights
     threads: int = 0          # torch intra-op threads (0 = torch's default); part of determinism
     device: str = "auto"      # default device for every phase: auto|cpu|cuda[:i]|npu[:i]|xpu|mps
+    deterministic: bool = True  # deterministic kernels (accel.set_deterministic): bitwise exact resume and
+    #                             the corruption votes need them; false = faster GPU kernels, resume not bitwise
 
 
 @dataclass
@@ -383,6 +385,10 @@ def validate(cfg: Config) -> None:
     _check(x.gguf_type in ("f32", "f16", "q8_0"), "export.gguf_type", "f32, f16, q8_0", x.gguf_type)
     _check(x.gate_n >= 1, "export.gate_n", ">= 1", x.gate_n)
     _validate_resilience(cfg.resilience)
+    if not cfg.run.deterministic and (cfg.resilience.check_every or cfg.resilience.replicas > 1):
+        raise ConfigError("resilience.check_every / resilience.replicas compare exact fingerprints, which "
+                          "nondeterministic kernels break (false corruption alarms): set run.deterministic = true "
+                          "or resilience.check_every = 0 and resilience.replicas = 1")
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

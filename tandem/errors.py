@@ -28,3 +28,7 @@ class ModelError(TandemError):
 
 class CheckpointError(TandemError):
     """A checkpoint is missing, corrupt or does not match the run."""
+
+
+class CorruptionError(TandemError):
+    """The corruption detector keeps rolling back the same step: not a transient fault."""

@@ -326,6 +326,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     run_dir = Path(run_dir)
     accel.set_threads(r.threads or cfg.run.threads)
     group, device = join_trainers(cfg)            # group: None for a single trainer
+    accel.set_deterministic(device, cfg.run.deterministic)
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     leader = rank == 0
     amp_dtype = accel.resolve_dtype(r.dtype, device)

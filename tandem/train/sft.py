@@ -128,6 +128,7 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
     accel.set_threads(cfg.run.threads)
     device = accel.resolve_device(cfg.device_for("sft"))
     accel.set_device(device)
+    accel.set_deterministic(device, cfg.run.deterministic)
     amp_dtype = accel.resolve_dtype(s.dtype, device)
     # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
     # compared with it (resilience.replicas: identical copies fed identical batches).
