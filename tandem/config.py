@@ -293,6 +293,10 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# Training has no loss scaling, so fp16 gradients would underflow silently; inference may use fp16.
+TRAIN_DTYPES = "fp32, bf16 (fp16 only for inference: training has no loss scaling)"
+
+
 def _check(condition: bool, key: str, allowed: str, value) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
@@ -326,8 +330,8 @@ def _validate_rl(cfg: Config) -> None:
     _check(r.checkpoint_every >= 1, "rl.checkpoint_every", ">= 1", r.checkpoint_every)
     _check(r.keep_checkpoints >= 1, "rl.keep_checkpoints", ">= 1", r.keep_checkpoints)
     _check(r.log_every >= 1, "rl.log_every", ">= 1", r.log_every)
-    for key, value in (("rl.dtype", r.dtype), ("rollout.dtype", w.dtype)):
-        _check(value in ("fp32", "bf16", "fp16"), key, "fp32, bf16, fp16", value)
+    _check(r.dtype in ("fp32", "bf16"), "rl.dtype", TRAIN_DTYPES, r.dtype)
+    _check(w.dtype in ("fp32", "bf16", "fp16"), "rollout.dtype", "fp32, bf16, fp16", w.dtype)
     _check(w.workers >= 0, "rollout.workers", ">= 0 (0 = colocated in the trainer)", w.workers)
     _check(w.max_batch >= 1, "rollout.max_batch", ">= 1", w.max_batch)
     _check(w.timeout > 0, "rollout.timeout", "> 0 seconds", w.timeout)
@@ -371,8 +375,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "sft.min_lr_ratio", "0..1", s.min_lr_ratio)
     _check(s.checkpoint_every >= 1, "sft.checkpoint_every", ">= 1", s.checkpoint_every)
     _check(s.keep_checkpoints >= 1, "sft.keep_checkpoints", ">= 1", s.keep_checkpoints)
-    for key, value in (("sft.dtype", s.dtype), ("eval.dtype", cfg.eval.dtype)):
-        _check(value in ("fp32", "bf16", "fp16"), key, "fp32, bf16, fp16", value)
+    _check(s.dtype in ("fp32", "bf16"), "sft.dtype", TRAIN_DTYPES, s.dtype)
+    _check(cfg.eval.dtype in ("fp32", "bf16", "fp16"), "eval.dtype", "fp32, bf16, fp16", cfg.eval.dtype)
     _check(len(cfg.data.tasks) >= 1, "data.tasks", "a non-empty list of task names", cfg.data.tasks)
     _check(s.max_seq_len <= m.max_position_embeddings, "sft.max_seq_len",
            f"<= model.max_position_embeddings ({m.max_position_embeddings})", s.max_seq_len)
