@@ -51,7 +51,7 @@ engine keeps the model's exact norm formula; in bf16 the cached path still round
 uncached forward (other matmul shapes, fusions), which can flip an argmax between near-tied logits.
 
 Sampling. temperature == 0 is greedy (argmax). Otherwise logits / temperature, then top-k, then
-top-p (nucleus), then one draw by inverse CDF from a per-request `torch.Generator` seeded with
+top-p (nucleus), then one draw by inverse CDF from a per-request host `torch.Generator` seeded with
 `params.seed` (or, when None, a seed derived from the engine's seed and a request counter). Each
 request consumes one uniform per token and its CDF runs in vocabulary order, so a seeded request
 yields the same tokens whatever else shares the batch (barring last-bit logit differences from
@@ -377,7 +377,7 @@ class Engine:
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else _mix_seed(self.seed, rid)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)   # on the host: every device has one
         req = _Request(rid, prompt, params, generator)
         self._requests[rid] = req
         self._waiting.append(req)
@@ -627,7 +627,8 @@ class Engine:
         tokens out: the CDF always runs in vocabulary order, so a row's draw does not depend on
         which other rows share the batch."""
         x = logits.float() / plan.temps
-        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in plan.gens])
+        # One host draw per row (no kernel launch each), one copy to the device for the batch.
+        u = torch.cat([torch.rand(1, generator=g) for g in plan.gens]).to(self.device, non_blocking=True)
         if plan.filter:
             V, inf = x.shape[1], float("-inf")
             logz = x.logsumexp(-1, keepdim=True)
