@@ -14,6 +14,7 @@ server would.
 
     .venv/bin/python benchmarks/bench_decode.py                  # print the table
     .venv/bin/python benchmarks/bench_decode.py --threads 1 --write   # also update BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_decode.py --device cuda         # both sides on an accelerator
 
 Targets: ours >= 3x HF at batch 1 and >= 1.5x at batch 32.
 """
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from tandem import accel  # noqa: E402
 from tandem.infer.engine import Engine, SamplingParams  # noqa: E402
 from tandem.model import ModelConfig, Transformer, count_parameters  # noqa: E402
 
@@ -65,19 +67,19 @@ def build_models(seed: int = 0):
 
 def time_ours(engine: Engine, prompts, new_tokens: int) -> float:
     params = SamplingParams(max_new_tokens=new_tokens)
-    start = time.perf_counter()
+    start = accel.timer(engine.device)
     gens = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    elapsed = accel.timer(engine.device) - start
     assert all(len(g.token_ids) == new_tokens for g in gens)
     return elapsed
 
 
 def time_hf(hf, input_ids: torch.Tensor, new_tokens: int) -> float:
-    start = time.perf_counter()
+    start = accel.timer(input_ids.device)
     with torch.inference_mode():
         out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    elapsed = time.perf_counter() - start
+    elapsed = accel.timer(input_ids.device) - start
     assert out.shape[1] == input_ids.shape[1] + new_tokens
     return elapsed
 
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|... (default cpu)")
     parser.add_argument("--write", action="store_true", help="update the bench_decode section of BENCHMARKS.md")
     args = parser.parse_args(argv)
 
@@ -96,16 +99,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     config, ours, hf, diff = build_models()
+    device = accel.resolve_device(args.device)
+    ours, hf = ours.to(device), hf.to(device)
     print(f"model: {count_parameters(ours):,} parameters; max |logit diff| tandem vs HF on the same weights: {diff:.2e}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__} transformers={transformers.__version__} "
+    print(f"device={accel.device_name(device)} threads={torch.get_num_threads()} torch={torch.__version__} transformers={transformers.__version__} "
           f"prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeats={args.repeats} "
           f"(load average {load:.1f} on {os.cpu_count()} cpus)")
 
     rows = []
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
-        input_ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g)
+        input_ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
         prompts = input_ids.tolist()
         engine = Engine(ours, max_batch=batch, max_len=args.prompt_len + args.new_tokens)
         time_ours(engine, prompts, args.new_tokens)           # warm up both

@@ -1,6 +1,6 @@
 """Training throughput: tandem's SFT step vs HF transformers' LlamaForCausalLM, same run.
 
-    python benchmarks/bench_train.py [--threads 2] [--repeats 5] [--steps 20] [--write]
+    python benchmarks/bench_train.py [--threads 2] [--repeats 5] [--steps 20] [--device cpu] [--write]
 
 Both sides get the same model config (the `tiny` preset), the same initial weights, the same
 real SFT batches (task examples, right-padded, loss on assistant tokens only: -100 labels for HF)
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import environment, median, table, write_section  # noqa: E402
+from tandem import accel  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.pipeline import build_tasks  # noqa: E402
 from tandem.tokenizer import train_tokenizer  # noqa: E402
@@ -45,17 +46,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|... (default cpu)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = accel.resolve_device(args.device)
     cfg = load_config(preset="tiny")
     tasks = build_tasks(cfg)
     tokenizer = train_tokenizer([t for task in tasks for t in task.corpus(1000)], cfg.tokenizer.vocab_size)
-    ours = new_model(cfg, tokenizer.vocab_size, "cpu", seed=0)
-    theirs = hf_twin(ours)
+    ours = new_model(cfg, tokenizer.vocab_size, device, seed=0)
+    theirs = hf_twin(ours).to(device)
     s = cfg.sft
     batches = [make_batch([example_for(tasks, i * s.batch_size + j) for j in range(s.batch_size)],
-                          tokenizer, s.max_seq_len, "cpu") for i in range(args.steps)]
+                          tokenizer, s.max_seq_len, device) for i in range(args.steps)]
     tokens = sum(b.input_ids.numel() for b in batches)
 
     def step_ours(opt, batch):
@@ -81,12 +84,12 @@ def main() -> None:
         step(opt, batches[0])
     for _ in range(args.repeats):
         for name, (step, opt) in runs.items():  # interleaved, so both see the same machine load
-            start = time.perf_counter()
+            start = accel.timer(device)
             for batch in batches:
                 step(opt, batch)
-            rates[name].append(tokens / (time.perf_counter() - start))
+            rates[name].append(tokens / (accel.timer(device) - start))
     ours_rate, hf_rate = median(rates["tandem"]), median(rates["transformers"])
-    shape = f"batch {s.batch_size}, padded length {batches[0].input_ids.shape[1]}, {ours.config.num_parameters():,} params"
+    shape = f"on {accel.device_name(device)}, batch {s.batch_size}, padded length {batches[0].input_ids.shape[1]}, {ours.config.num_parameters():,} params"
     body = table(["implementation", "median tokens/s", "ratio"],
                  [["tandem SFT step", f"{ours_rate:,.0f}", f"**{ours_rate / hf_rate:.2f}x**"],
                   ["transformers LlamaForCausalLM", f"{hf_rate:,.0f}", "1.00x"]])

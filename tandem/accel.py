@@ -7,7 +7,12 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     supported_dtypes(device)     -> ["fp32", "bf16", "fp16"] (what this device can compute in)
     resolve_dtype("bf16", dev)   -> torch.bfloat16, or DeviceError
     dist_backend(device)         -> "gloo" | "nccl" | "hccl" | "xccl"
-    get_rng_state()/set_rng_state(state)  every RNG tandem touches (python, numpy, torch, device)
+    get_rng_state(dev)/set_rng_state(state, dev)  every RNG tandem touches (python, numpy, torch,
+                                 and the one device `dev` trains on)
+    set_device(dev)              make `dev` this process's current device (collectives, kernels)
+    local_device(dev, rank)      the device torchrun's LOCAL_RANK `rank` trains on
+    set_deterministic(dev, on)   deterministic kernels (bitwise reproducible runs) or the fast ones
+    free_memory(dev)/empty_cache(dev)  bytes left to allocate; return cached blocks to the device
 
 Ascend NPUs come through `torch_npu`, which registers the `npu` device with PyTorch when imported;
 it is optional and imported only when an `npu` device is asked for or auto-detected. PyTorch >= 2.6
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import os
 import random
 import time
 
@@ -149,12 +155,48 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for queued work on the device (no-op on cpu), so timings measure real work."""
+    """Wait for queued work on this device (no-op on cpu), so timings measure real work."""
     device = torch.device(device)
-    if device.type != "cpu":
-        module = _kind_module(device.type)
-        if module is not None and hasattr(module, "synchronize"):
+    module = _kind_module(device.type) if device.type != "cpu" else None
+    if module is not None and hasattr(module, "synchronize"):
+        if device.index is None or device.type == "mps":  # mps has one device and no argument
             module.synchronize()
+        else:
+            module.synchronize(device)
+
+
+def set_device(device: torch.device | str) -> None:
+    """Make `device` the current one of its kind for this process (where kernels, collectives and
+    caches go by default); a no-op on cpu and for a device named without an index."""
+    device = torch.device(device)
+    if device.type == "cpu" or device.index is None:
+        return
+    accelerator = getattr(torch, "accelerator", None)
+    if (accelerator is not None and hasattr(accelerator, "set_device_index") and accelerator.is_available()
+            and accelerator.current_accelerator().type == device.type):
+        accelerator.set_device_index(device.index)
+        return
+    module = _kind_module(device.type)
+    if module is not None and hasattr(module, "set_device"):
+        module.set_device(device)
+
+
+def local_device(device: torch.device | str, local_rank: int, local_ranks: int) -> torch.device:
+    """The device local rank `local_rank` of `local_ranks` uses when the config names `device`.
+
+    An accelerator without an index means index `local_rank`; with an index i it is the first of the
+    ranks' devices (rank r gets i + r), so "cuda:2" with 2 local ranks uses cuda:2 and cuda:3. The cpu
+    is shared. Raises DeviceError when the rank's device does not exist here."""
+    device = torch.device(device)
+    if device.type == "cpu" or (local_ranks <= 1 and device.index is not None):
+        return device
+    base = device.index or 0
+    try:
+        return resolve_device(f"{device.type}:{base + local_rank}")
+    except DeviceError:
+        raise DeviceError(f"{local_ranks} local ranks on {device} need {device.type}:{base} .. "
+                          f"{device.type}:{base + local_ranks - 1}; available here: "
+                          f"{', '.join(available_devices())} (lower the base index or the ranks)") from None
 
 
 def timer(device: torch.device | str) -> float:
@@ -180,6 +222,36 @@ def memory_stats(device: torch.device | str) -> dict:
         except Exception:
             pass
     return stats
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on the device (free device memory plus what this process's
+    caching allocator holds unused; available RAM on cpu); None where nothing reports it."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    module = _kind_module(device.type)
+    try:
+        free = int(module.mem_get_info(device)[0])
+    except Exception:
+        return None
+    try:  # blocks cached but unused by this process are free to us too
+        free += int(module.memory_reserved(device)) - int(module.memory_allocated(device))
+    except Exception:
+        pass
+    return free
+
+
+def empty_cache(device: torch.device | str) -> None:
+    """Return the caching allocator's unused blocks to the device (no-op on cpu), e.g. between two
+    stages sharing a device or after an out-of-memory failure, once references are dropped."""
+    device = torch.device(device)
+    module = _kind_module(device.type) if device.type != "cpu" else None
+    if module is not None and hasattr(module, "empty_cache"):
+        module.empty_cache()
 
 
 def device_name(device: torch.device | str) -> str:
@@ -218,8 +290,10 @@ def _unb64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def get_rng_state() -> dict:
-    """Every RNG state as JSON-serialisable data (goes into a checkpoint's train state)."""
+def get_rng_state(device: torch.device | str | None = None) -> dict:
+    """Every RNG state as JSON-serialisable data (goes into a checkpoint's train state): python,
+    numpy, torch's cpu generator and, for an accelerator `device`, that one device's generator only
+    (a resume may see fewer or other devices, e.g. CUDA_VISIBLE_DEVICES changed)."""
     state = {"python": _to_json(random.getstate()), "torch_cpu": _b64(torch.get_rng_state())}
     try:
         import numpy
@@ -227,23 +301,37 @@ def get_rng_state() -> dict:
         state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
-    for kind in ACCELERATOR_KINDS:
-        module = _kind_module(kind) if kind_available(kind) else None
-        if module is not None and hasattr(module, "get_rng_state_all"):
-            state[kind] = [_b64(s) for s in module.get_rng_state_all()]
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cpu" and kind_available(device.type):
+        module = _kind_module(device.type)
+        index = device.index if device.index is not None else _current_index(module)
+        state["device"] = {"kind": device.type, "state": _b64(module.get_rng_state(index))}
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def _current_index(module) -> int:
+    return int(module.current_device()) if hasattr(module, "current_device") else 0
+
+
+def set_rng_state(state: dict, device: torch.device | str | None = None) -> None:
+    """Restore get_rng_state's snapshot; the device generator goes to `device` (same kind only).
+    Older snapshots held a list per kind (every visible device): `device`'s entry is used."""
     random.setstate(_from_json(state["python"]))
     torch.set_rng_state(_unb64(state["torch_cpu"]))
     if "numpy" in state:
         import numpy
         kind, keys, pos, has_gauss, cached = state["numpy"]
         numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
-    for kind in ACCELERATOR_KINDS:
-        if kind in state and kind_available(kind):
-            _kind_module(kind).set_rng_state_all([_unb64(s) for s in state[kind]])
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type == "cpu" or not kind_available(device.type):
+        return
+    module = _kind_module(device.type)
+    index = device.index if device.index is not None else _current_index(module)
+    saved = state.get("device")
+    if saved is not None and saved["kind"] == device.type:
+        module.set_rng_state(_unb64(saved["state"]), index)
+    elif isinstance(state.get(device.type), list) and index < len(state[device.type]):  # old format
+        module.set_rng_state(_unb64(state[device.type][index]), index)
 
 
 def _to_json(value):
@@ -267,6 +355,29 @@ def versions() -> dict:
         except Exception:
             pass
     return info
+
+
+def set_deterministic(device: torch.device | str, on: bool = True) -> None:
+    """Deterministic kernels (on: the same inputs give the same bits, run after run) or the fast,
+    nondeterministic ones, process-wide, for training on `device` (run.deterministic).
+
+    On: torch.use_deterministic_algorithms (warn_only: an op with no deterministic kernel warns
+    rather than crashes, so a bitwise claim can still fail there; the warning names it), and per
+    vendor: CUDA gets CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reproducible across streams; set
+    before its first use in this process, as here at startup), cuDNN's deterministic mode, and
+    scaled_dot_product_attention restricted to the math kernel (flash and memory-efficient backward
+    accumulate with atomics; math costs memory quadratic in the sequence length); Ascend gets
+    HCCL_DETERMINISTIC (ordered reductions). CPU kernels are deterministic per thread count."""
+    device = torch.device(device)
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    if device.type == "cuda":
+        if on:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, False
+        torch.backends.cuda.enable_flash_sdp(not on)
+        torch.backends.cuda.enable_mem_efficient_sdp(not on)
+    elif device.type == "npu" and on:
+        os.environ.setdefault("HCCL_DETERMINISTIC", "true")
 
 
 def set_threads(threads: int | None) -> int:

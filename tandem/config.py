@@ -29,6 +29,8 @@ class RunConfig:
     seed: int = 0             # seeds data order, init and sampling; same seed => same weights
     threads: int = 0          # torch intra-op threads (0 = torch's default); part of determinism
     device: str = "auto"      # default device for every phase: auto|cpu|cuda[:i]|npu[:i]|xpu|mps
+    deterministic: bool = True  # deterministic kernels (accel.set_deterministic): bitwise exact resume and
+    #                             the corruption votes need them; false = faster GPU kernels, resume not bitwise
 
 
 @dataclass
@@ -297,6 +299,10 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# Training has no loss scaling, so fp16 gradients would underflow silently; inference may use fp16.
+TRAIN_DTYPES = "fp32, bf16 (fp16 only for inference: training has no loss scaling)"
+
+
 def _check(condition: bool, key: str, allowed: str, value) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
@@ -330,8 +336,8 @@ def _validate_rl(cfg: Config) -> None:
     _check(r.checkpoint_every >= 1, "rl.checkpoint_every", ">= 1", r.checkpoint_every)
     _check(r.keep_checkpoints >= 1, "rl.keep_checkpoints", ">= 1", r.keep_checkpoints)
     _check(r.log_every >= 1, "rl.log_every", ">= 1", r.log_every)
-    for key, value in (("rl.dtype", r.dtype), ("rollout.dtype", w.dtype)):
-        _check(value in ("fp32", "bf16", "fp16"), key, "fp32, bf16, fp16", value)
+    _check(r.dtype in ("fp32", "bf16"), "rl.dtype", TRAIN_DTYPES, r.dtype)
+    _check(w.dtype in ("fp32", "bf16", "fp16"), "rollout.dtype", "fp32, bf16, fp16", w.dtype)
     _check(w.workers >= 0, "rollout.workers", ">= 0 (0 = colocated in the trainer)", w.workers)
     _check(w.max_batch >= 1, "rollout.max_batch", ">= 1", w.max_batch)
     _check(w.timeout > 0, "rollout.timeout", "> 0 seconds", w.timeout)
@@ -386,8 +392,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "sft.min_lr_ratio", "0..1", s.min_lr_ratio)
     _check(s.checkpoint_every >= 1, "sft.checkpoint_every", ">= 1", s.checkpoint_every)
     _check(s.keep_checkpoints >= 1, "sft.keep_checkpoints", ">= 1", s.keep_checkpoints)
-    for key, value in (("sft.dtype", s.dtype), ("eval.dtype", cfg.eval.dtype)):
-        _check(value in ("fp32", "bf16", "fp16"), key, "fp32, bf16, fp16", value)
+    _check(s.dtype in ("fp32", "bf16"), "sft.dtype", TRAIN_DTYPES, s.dtype)
+    _check(cfg.eval.dtype in ("fp32", "bf16", "fp16"), "eval.dtype", "fp32, bf16, fp16", cfg.eval.dtype)
     _check(len(cfg.data.tasks) >= 1, "data.tasks", "a non-empty list of task names", cfg.data.tasks)
     _check(s.max_seq_len <= m.max_position_embeddings, "sft.max_seq_len",
            f"<= model.max_position_embeddings ({m.max_position_embeddings})", s.max_seq_len)
@@ -400,6 +406,10 @@ def validate(cfg: Config) -> None:
     _check(x.gguf_type in ("f32", "f16", "q8_0"), "export.gguf_type", "f32, f16, q8_0", x.gguf_type)
     _check(x.gate_n >= 1, "export.gate_n", ">= 1", x.gate_n)
     _validate_resilience(cfg.resilience)
+    if not cfg.run.deterministic and (cfg.resilience.check_every or cfg.resilience.replicas > 1):
+        raise ConfigError("resilience.check_every / resilience.replicas compare exact fingerprints, which "
+                          "nondeterministic kernels break (false corruption alarms): set run.deterministic = true "
+                          "or resilience.check_every = 0 and resilience.replicas = 1")
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

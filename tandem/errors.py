@@ -37,3 +37,7 @@ class TrainingFailed(Exception):
     """Training cannot make progress (e.g. every update is non-finite); CLI exit status 3."""
 
     exit_code = 3
+
+
+class CorruptionError(TrainingFailed):
+    """The corruption detector keeps rolling back the same step: not a transient fault."""

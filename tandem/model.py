@@ -237,7 +237,11 @@ class Transformer(nn.Module):
             used = int(positions.max()) + 1
             key_pos = torch.arange(used, device=input_ids.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,used]
-        cos, sin = self._rotary(positions, x.dtype)
+        # The tables in the dtype q/k are computed in: autocast's (else q, k would reach attention
+        # in fp32 next to a bf16 v), or the weights'.
+        kind = x.device.type
+        compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        cos, sin = self._rotary(positions, compute)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, slots, positions, mask)
         return self.model.norm(x)

@@ -10,6 +10,7 @@ cheap tail (eval, report).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -138,14 +139,26 @@ def run_eval_stage(cfg: Config, run_dir: Path, stage: str = "sft", progress: boo
     return results
 
 
+def release_devices(cfg: Config) -> None:
+    """Between stages sharing a device: return the finished stage's cached memory (its model,
+    optimizer, KV cache are unreferenced by now) before the next stage allocates its own."""
+    gc.collect()
+    for section in ("sft", "eval") + (("rl",) if cfg.rl.steps else ()):
+        accel.empty_cache(accel.resolve_device(cfg.device_for(section)))
+
+
 def run_pipeline(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     started = time.perf_counter()
     run_dir = run_sft_stage(cfg, out, progress)
+    release_devices(cfg)
     run_eval_stage(cfg, run_dir, "sft", progress)
+    release_devices(cfg)
     if cfg.rl.steps:  # GRPO from the SFT model, then the same eval (tandem/train/grpo.py, [rl])
         from tandem.train.grpo import run_rl_stage
         run_rl_stage(cfg, run_dir, run_dir, progress)
+        release_devices(cfg)
         run_eval_stage(cfg, run_dir, "rl", progress)
+        release_devices(cfg)
     if cfg.export.formats:  # export + parity gate (tandem/export/__init__.py, [export] in the config)
         from tandem.export import run_export_stage
         run_export_stage(cfg, run_dir, progress)

@@ -47,3 +47,22 @@ def test_rng_state_round_trip_is_exact():
     accel.set_rng_state(state)
     again = (random.random(), torch.rand(3), torch.randn(2))
     assert first[0] == again[0] and torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
+
+
+def test_rng_state_keeps_one_device_and_reads_the_old_per_kind_lists():
+    assert "device" not in accel.get_rng_state("cpu")                # cpu: torch_cpu already holds it
+    state = accel.get_rng_state("cpu")
+    state["cuda"] = []                 # an old checkpoint's every-visible-GPU list, none visible now
+    accel.set_rng_state(state, "cpu")  # restores what exists here, ignores the rest
+
+
+def test_local_device_rules_and_set_device_on_cpu():
+    assert accel.local_device("cpu", 1, 2) == torch.device("cpu")    # the cpu is shared
+    accel.set_device("cpu")                                           # no-op, no error
+    accel.synchronize("cpu")
+    if accel.device_count("cuda") < 2:                                # an index is the first rank's
+        with pytest.raises(DeviceError, match="2 local ranks on cuda:0 need cuda:0 .. cuda:1") as info:
+            accel.local_device("cuda:0", 1, 2)
+        assert "\n" not in str(info.value)
+    assert accel.free_memory("cpu") > 0
+    accel.empty_cache("cpu")

@@ -29,6 +29,8 @@ def test_overrides_apply_with_toml_types():
     ("nosuch.key=1", "unknown config section 'nosuch'"),
     ("sftsteps", "--set section.key=value"),
     ("sft.dtype=fp8", "sft.dtype"),
+    ("sft.dtype=fp16", "no loss scaling"),                  # fp16 gradients would underflow silently
+    ("rl.dtype=fp16", "no loss scaling"),
     ("model.num_key_value_heads=3", "a divisor of model.num_attention_heads"),
     ("sft.lr=inf", "'sft.lr' = inf is out of range; allowed: a finite number"),
     ("rl.lr=nan", "'rl.lr' = nan"),

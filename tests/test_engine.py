@@ -343,3 +343,18 @@ def test_weight_changes_are_picked_up(model):
         model.load_checkpoint_state(make_model(seed=4).checkpoint_state())   # in-place copy
     after = [g.token_ids for g in engine.generate(PROMPTS, greedy(10))]
     assert after != before and after == naive_greedy(model, PROMPTS, 10)
+
+
+def test_kv_cache_without_max_len_fits_a_memory_budget(model):
+    from tandem import accel
+    assert Engine(model, max_batch=4).max_len == 128                 # small model: its whole context
+    assert Engine(model, max_batch=4).max_len_source == "max_position_embeddings"
+    per_position = 2 * 2 * 4 * 2 * 8 * 4                             # k|v x layers x slots x kv heads x hd x fp32
+    fraction = 40 * per_position / accel.free_memory("cpu")          # room for ~40 of the 128 positions
+    engine = Engine(model, max_batch=4, cache_memory_fraction=fraction)
+    assert 2 <= engine.max_len < 128 and "free memory" in engine.max_len_source
+    assert engine.cache_bytes == engine.max_len * per_position == engine._buf.numel() * 4
+    assert [engine.generate([[1, 2, 3]], greedy(8))[0].token_ids] == naive_greedy(model, [[1, 2, 3]], 8)
+    with pytest.raises(TandemError, match="does not fit .* lower max_batch or pass max_len") as info:
+        Engine(model, max_batch=4, cache_memory_fraction=fraction / 1000)
+    assert "\n" not in str(info.value)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
-from tandem.model import Transformer, model_fingerprint, weights_fingerprint
+from tandem.model import ModelConfig, Transformer, model_fingerprint, weights_fingerprint
 
 
 def _hf_twin(config):
@@ -78,3 +78,19 @@ def test_init_is_seeded_and_fingerprint_is_stable():
     flipped["model.norm.weight"][0] += 1e-7
     assert weights_fingerprint(flipped) != weights_fingerprint(state)
     assert config.num_parameters() == sum(t.numel() for t in state.values())
+
+
+def test_autocast_attention_gets_one_dtype(monkeypatch):
+    """Under bf16 autocast q, k (rotary tables) and v all reach attention in bf16, not q/k in fp32."""
+    import torch.nn.functional as F
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    seen, real = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[1, 2, 3]]))
+    assert seen == [(torch.bfloat16,) * 3]

@@ -222,3 +222,31 @@ def test_every_damaged_checkpoint_file_is_rejected(tmp_path):
     del manifest["manifest_sha256"]  # as written before manifests carried their own checksum
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert verify_checkpoint(folder) is None
+
+
+def test_a_step_that_keeps_disagreeing_stops_the_rollbacks(tmp_path):
+    """A nondeterministic recomputation (what a GPU without deterministic kernels gives) disagrees
+    every time: the detector rolls back twice, then raises instead of looping."""
+    from tandem.errors import CorruptionError
+    from tandem.train.resilience import CorruptionDetector, Incidents
+    model = torch.nn.Linear(3, 2)
+    noise = torch.Generator().manual_seed(0)
+
+    def recompute(replica: int) -> None:
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=noise)
+    recompute(0)
+    detector = CorruptionDetector(1, Incidents(tmp_path))
+    assert detector.check_grads(5, [model], [0.0], recompute)
+    assert detector.check_grads(5, [model], [0.0], recompute)
+    with pytest.raises(CorruptionError, match="step 5: .* run.deterministic = true") as info:
+        detector.check_grads(5, [model], [0.0], recompute)
+    assert "\n" not in str(info.value)
+    assert [i["step"] for i in read_jsonl(tmp_path / "incidents.jsonl")] == [5, 5]
+
+
+def test_nondeterministic_kernels_refuse_the_corruption_votes(tmp_path):
+    with pytest.raises(ConfigError, match="run.deterministic = true") as info:
+        load_config("tiny", overrides=["run.deterministic=false", "resilience.check_every=1"])
+    assert "\n" not in str(info.value)
+    assert not load_config("tiny", overrides=["run.deterministic=false"]).run.deterministic

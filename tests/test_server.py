@@ -526,6 +526,38 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(rand):
     assert rand.wait_idle()["tandem_requests_inflight"] == 0
 
 
+def test_an_engine_that_cannot_even_cancel_is_rebuilt_after_freeing_the_old_one(rand, monkeypatch):
+    import weakref
+
+    import tandem.infer.server as server_module
+    freed_before_new = []                                    # was the old engine gone when the new one was built?
+
+    class Recording(server_module.Engine):
+        def __init__(self, *args, **kwargs):
+            freed_before_new.append(old() is None)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(server_module, "Engine", Recording)
+    loop = rand.state.engine_loop
+    engine = loop.engine
+    shape = (engine.max_batch, engine.max_len, engine.seed)
+
+    def broken():
+        raise RuntimeError("simulated out of memory")
+    engine.step, engine.cancel = broken, lambda rid: broken()
+    old, engine = weakref.ref(engine), None
+    with pytest.raises(openai.InternalServerError):
+        rand.client().chat.completions.create(model="rand", messages=MESSAGES, max_tokens=4)
+    deadline = time.time() + 10                              # the error reaches us before the rebuild
+    while not freed_before_new and time.time() < deadline:
+        time.sleep(0.02)
+    assert old() is None and freed_before_new == [True]      # freed before the new cache was allocated
+    assert rand.wait_idle()["tandem_requests_inflight"] == 0
+    fresh = loop.engine
+    assert (fresh.max_batch, fresh.max_len, fresh.seed) == shape
+    r = rand.client().chat.completions.create(model="rand", messages=MESSAGES, max_tokens=4)
+    assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
+
+
 def test_graceful_shutdown_finishes_in_flight_stream(tok):
     server = LiveServer(random_model(tok), tok, name="bye").start()
     server.slow_down(0.01)

@@ -51,7 +51,7 @@ engine keeps the model's exact norm formula; in bf16 the cached path still round
 uncached forward (other matmul shapes, fusions), which can flip an argmax between near-tied logits.
 
 Sampling. temperature == 0 is greedy (argmax). Otherwise logits / temperature, then top-k, then
-top-p (nucleus), then one draw by inverse CDF from a per-request `torch.Generator` seeded with
+top-p (nucleus), then one draw by inverse CDF from a per-request host `torch.Generator` seeded with
 `params.seed` (or, when None, a seed derived from the engine's seed and a request counter). Each
 request consumes one uniform per token and its CDF runs in vocabulary order, so a seeded request
 yields the same tokens whatever else shares the batch (barring last-bit logit differences from
@@ -60,12 +60,17 @@ always log-softmax of the RAW logits (temperature 1, no top-k/top-p) at the chos
 quantity RL importance ratios and parity checks need, and what `score()` returns.
 
 Memory: the cache holds 2 x layers x max_batch x kv_heads x max_len x head_dim values of the
-model's dtype; pass a `max_len` that fits your prompts + completions rather than the default
-`max_position_embeddings`. The engine is not thread-safe: drive add/step/cancel from one thread.
+model's dtype; pass a `max_len` that fits your prompts + completions. Without one the engine takes
+`max_position_embeddings` capped by a memory budget: `cache_memory_fraction` (default 0.5) of what
+the device can still allocate after the weights (accel.free_memory; available RAM on the cpu), as
+vLLM's gpu_memory_utilization does, and logs its choice (`engine.max_len`, `engine.cache_bytes`,
+`engine.max_len_source`). A Qwen2.5-0.5B (32k context) at max_batch 64 would otherwise need 24 GiB.
+The engine is not thread-safe: drive add/step/cancel from one thread.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections import deque
@@ -74,6 +79,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tandem import accel
 from tandem.errors import TandemError
 from tandem.model import KVCache, Transformer, rotary_tables
 
@@ -199,17 +205,19 @@ class Engine:
     """Continuous-batching generation over a fixed pool of KV-cache slots. See the module doc."""
 
     def __init__(self, model: Transformer, max_batch: int = 32, max_len: int | None = None,
-                 seed: int = 0, max_prefill_tokens: int = 16384):
+                 seed: int = 0, max_prefill_tokens: int = 16384, cache_memory_fraction: float = 0.5):
         if not _is_int(max_batch) or max_batch < 1:
             raise RequestError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         config = model.config
-        max_len = max_len or config.max_position_embeddings
-        if not _is_int(max_len) or max_len < 2:
-            raise RequestError(f"max_len must be an integer >= 2, got {max_len!r}")
         self.model, self.config = model, config
         param = model.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
+        self.max_len_source = "given"
+        max_len = max_len or self._budget_len(max_batch, cache_memory_fraction)
+        if not _is_int(max_len) or max_len < 2:
+            raise RequestError(f"max_len must be an integer >= 2, got {max_len!r}")
         self.max_batch, self.max_len, self.seed = max_batch, max_len, int(seed)
+        self.cache_bytes = self._position_bytes(max_batch) * max_len
         self.max_prefill_tokens = max_prefill_tokens
         self.vocab_size = config.vocab_size
         H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -253,6 +261,28 @@ class Engine:
         self._plan: _Plan | None = None
         self._weights_key = None
         self.refresh_weights()
+
+    def _position_bytes(self, max_batch: int) -> int:
+        """KV-cache bytes per position over all slots and layers."""
+        c = self.config
+        return 2 * c.num_hidden_layers * max_batch * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+
+    def _budget_len(self, max_batch: int, fraction: float) -> int:
+        """max_position_embeddings, or fewer positions where `fraction` of the free memory is less
+        (sets max_len_source and logs the choice); RequestError when not even 2 positions fit."""
+        if not 0 < fraction <= 1:
+            raise RequestError(f"cache_memory_fraction must be in (0, 1], got {fraction!r}")
+        limit, free = self.config.max_position_embeddings, accel.free_memory(self.device)
+        fits = limit if free is None else int(free * fraction) // self._position_bytes(max_batch)
+        self.max_len_source = "max_position_embeddings" if fits >= limit else f"{fraction:g} of free memory"
+        chosen = min(limit, fits)
+        if chosen < 2:
+            raise RequestError(f"the KV cache for max_batch {max_batch} does not fit in {fraction:g} of the "
+                               f"{free} free bytes on {self.device}; lower max_batch or pass max_len")
+        logging.getLogger("tandem.engine").info(
+            "KV cache: max_len %d (%s) x max_batch %d = %.2f GiB on %s", chosen, self.max_len_source,
+            max_batch, chosen * self._position_bytes(max_batch) / 2**30, self.device)
+        return chosen
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -347,7 +377,7 @@ class Engine:
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else _mix_seed(self.seed, rid)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)   # on the host: every device has one
         req = _Request(rid, prompt, params, generator)
         self._requests[rid] = req
         self._waiting.append(req)
@@ -597,7 +627,8 @@ class Engine:
         tokens out: the CDF always runs in vocabulary order, so a row's draw does not depend on
         which other rows share the batch."""
         x = logits.float() / plan.temps
-        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in plan.gens])
+        # One host draw per row (no kernel launch each), one copy to the device for the batch.
+        u = torch.cat([torch.rand(1, generator=g) for g in plan.gens]).to(self.device, non_blocking=True)
         if plan.filter:
             V, inf = x.shape[1], float("-inf")
             logz = x.logsumexp(-1, keepdim=True)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import itertools
 import json
 import logging
@@ -75,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers.decoders import DecodeStream
 
+from tandem import accel
 from tandem.errors import TandemError
 from tandem.infer.engine import Engine, SamplingParams, StepOutput
 from tandem.reasoning import REASONING_TAGS, THINK_CLOSE, THINK_OPEN
@@ -405,14 +407,17 @@ class EngineLoop:
                 elif job.rid is not None and jobs.pop(job.rid, None) is not None:
                     engine.cancel(job.rid)
             if engine.has_work():
+                failure = None
                 try:
                     outputs = engine.step()
                 except Exception as exc:
                     log.error("engine step failed; ending the %d requests in it:\n%s", len(jobs),
                               traceback.format_exc())
-                    self._fail(jobs.values(), APIError(500, f"generation failed: {exc}", "server_error"))
+                    failure, outputs = APIError(500, f"generation failed: {exc}", "server_error"), []
+                if failure is not None:  # outside the except: its traceback no longer pins the step's tensors
+                    engine = None        # nor does this frame pin the engine, should _drop rebuild it
+                    self._fail(jobs.values(), failure)
                     self._drop(jobs)
-                    outputs = []
                 self.steps += 1
                 now = time.perf_counter()
                 batch = []
@@ -421,18 +426,30 @@ class EngineLoop:
                     if job is not None:
                         batch.append((job, (out, now)))
                 self._deliver(batch)
-            self.running, self.waiting = engine.num_active, engine.num_waiting
+            self.running, self.waiting = self.engine.num_active, self.engine.num_waiting
 
     def _drop(self, jobs: dict[int, Job]) -> None:
         """Cancel every job in the engine; if even that fails, start over with a fresh engine."""
         try:
             for rid in jobs:
                 self.engine.cancel(rid)
+            broken = False
         except Exception:
             log.error("cancelling after a failed step failed too; rebuilding the engine:\n%s", traceback.format_exc())
-            e = self.engine
-            self.engine = Engine(e.model, max_batch=e.max_batch, max_len=e.max_len, seed=e.seed)
+            broken = True
         jobs.clear()
+        if broken:  # outside the except, whose traceback would keep the old engine alive
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Replace the engine by a fresh one of the same shape, freeing the old KV cache first (the
+        failure was typically out-of-memory): no reference may survive, then the allocator lets go."""
+        e = self.engine
+        model, shape = e.model, dict(max_batch=e.max_batch, max_len=e.max_len, seed=e.seed)
+        self.engine = e = None
+        gc.collect()
+        accel.empty_cache(model.lm_head.weight.device)
+        self.engine = Engine(model, **shape)
 
     def _fail(self, jobs, error: APIError) -> None:
         self._deliver([(job, error) for job in jobs])

@@ -327,6 +327,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     run_dir = Path(run_dir)
     accel.set_threads(r.threads or cfg.run.threads)
     group, device = join_trainers(cfg)            # group: None for a single trainer
+    accel.set_deterministic(device, cfg.run.deterministic)
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     leader = rank == 0
     amp_dtype = accel.resolve_dtype(r.dtype, device)
@@ -382,7 +383,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
             model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
             optimizer.load_state_dict(ckpt["optimizer"])
             state = ckpt["train_state"]
-            accel.set_rng_state(state["rng"])
+            accel.set_rng_state(state["rng"], device)
             if "guard" in state:
                 guard.load_state_dict(state["guard"])
             else:  # a checkpoint from before GRPO had a guard
@@ -408,7 +409,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_root, step, model.checkpoint_state(),
                         {"phase": "rl", "data_position": step * r.prompts_per_step, "init": str(init_path),
-                         "init_fingerprint": init_fingerprint, "rng": accel.get_rng_state(),
+                         "init_fingerprint": init_fingerprint, "rng": accel.get_rng_state(device),
                          "guard": guard.state_dict(), "useful_seconds": useful_seconds},
                         optimizer.state_dict(),
                         extra_files={"model_config.json": json.dumps(model_config.to_dict()).encode(),

@@ -64,7 +64,9 @@ Both trainers (train/sft.py, train/grpo.py) call the same hooks and use five pie
     healthy rank, and a recomputation is done by every rank (the all-reduce needs them all).
   One GRPO trainer rank is one replica, checked against a recomputation as SFT's single replica is.
   Fingerprints are exact, so the compared computations must be deterministic (same device kind,
-  deterministic kernels); on CPU they are.
+  deterministic kernels: run.deterministic = true, which config validation requires for the
+  detector; on CPU kernels always are). A step that rolls back more than `max_rollbacks` times
+  raises CorruptionError instead of looping (a TrainingFailed: one line, exit 3, the supervisor does not retry it).
 
 * Heartbeat: the trainer rewrites runs/NAME/heartbeat-ROLE.json at every step; the supervisor
   (tandem/supervisor.py) declares the job hung when none has been written for a while.
@@ -92,7 +94,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from tandem.errors import ConfigError, TrainingFailed
+from tandem.errors import ConfigError, CorruptionError, TrainingFailed
 from tandem.progress import log
 from tandem.train.checkpoint import MANIFEST, list_checkpoints
 
@@ -580,10 +582,26 @@ class CorruptionDetector:
     corruption may hold it).
     """
 
+    max_rollbacks = 2                               # per step, before giving up with CorruptionError
+
     def __init__(self, every: int, incidents: Incidents):
         self.every, self.incidents = every, incidents
         self.reference: list[bytes] | None = None   # this process's weight fingerprints after the last update
         self.last_good = 0
+        self.rollbacks: dict[int, int] = {}         # step -> rollbacks it caused (this process's life)
+
+    def roll_back(self, step: int, message: str) -> bool:
+        """Record a rollback decided at `step` (returns True), or raise CorruptionError when that step
+        already caused max_rollbacks of them: replaying it keeps disagreeing, so the computation is
+        not deterministic or the hardware is persistently bad, and rolling back again would loop.
+        Simplification: the count lives in this process; a restart starts it over."""
+        self.rollbacks[step] = self.rollbacks.get(step, 0) + 1
+        if self.rollbacks[step] > self.max_rollbacks:
+            raise CorruptionError(f"step {step}: fingerprints disagree again after {self.max_rollbacks} rollbacks; "
+                                  "the computation is not reproducible (set run.deterministic = true) or this "
+                                  "device keeps corrupting data (run elsewhere)")
+        self.incidents.record("corruption", step, message)
+        return True
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -626,9 +644,8 @@ class CorruptionDetector:
             return False
         winner = majority(votes)
         if winner is None:
-            self.incidents.record("corruption", step, f"weights of {len(now)} replica(s) disagree with no "
-                                  "majority; rolling back to the last checkpoint")
-            return True
+            return self.roll_back(step, f"weights of {len(now)} replica(s) disagree with no majority; "
+                                  "rolling back to the last checkpoint")
         good = now.index(winner)
         bad = [r for r, fp in enumerate(now) if fp != winner]
         self.copy_state(models, optimizers, good, bad)
@@ -651,9 +668,8 @@ class CorruptionDetector:
         votes = list(current)
         while majority(votes) is None or len(votes) == 1:
             if len(votes) >= len(first) + 2:
-                self.incidents.record("corruption", step, "gradients disagree and recomputing does not settle it; "
+                return self.roll_back(step, "gradients disagree and recomputing does not settle it; "
                                       "rolling back to the last checkpoint")
-                return True
             recompute(0)
             current = results()
             votes.append(current[0])

@@ -674,10 +674,14 @@ def join_trainers(cfg) -> tuple[object | None, torch.device]:
 
     With rl.trainers > 1 (torchrun only: one process per rank) ranks 0 .. rl.trainers-1 form a
     process group over the trainer device's own backend (accel.dist_backend: nccl, hccl, gloo on the
-    cpu) for data parallelism; an accelerator named without an index gets LOCAL_RANK's.
+    cpu) for data parallelism. Each rank's device is accel.local_device's: an accelerator named
+    without an index gets LOCAL_RANK's, one with an index i is the first trainer's (cuda:0 -> ranks
+    on cuda:0, cuda:1, ...); it becomes the process's current device (accel.set_device) before the
+    group forms, so NCCL/HCCL never put two ranks on one device.
     """
     device = accel.resolve_device(cfg.device_for("rl"))
     if cfg.rl.trainers == 1:
+        accel.set_device(device)
         return None, device
     launched = torchrun_env()
     if launched is None:
@@ -685,8 +689,8 @@ def join_trainers(cfg) -> tuple[object | None, torch.device]:
         raise RolloutError(f"rl.trainers = {cfg.rl.trainers} needs one process per trainer: launch with "
                            f"torchrun --nproc-per-node {world} -m tandem.cli rl ... (or set rl.trainers = 1)")
     rank = launched[0]
-    if device.type != "cpu" and device.index is None:
-        device = accel.resolve_device(f"{device.type}:{os.environ.get('LOCAL_RANK', '0')}")
+    device = accel.local_device(device, int(os.environ.get("LOCAL_RANK", "0")), cfg.rl.trainers)
+    accel.set_device(device)
     # Rank 0 joins only after preparing the run folder, so the others find it when this returns.
     store = dist.PrefixStore("trainers", env_store(rank))
     dist.init_process_group(accel.dist_backend(device), store=store, rank=rank, world_size=cfg.rl.trainers)

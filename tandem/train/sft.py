@@ -140,6 +140,8 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
     run_dir = Path(run_dir)
     accel.set_threads(cfg.run.threads)
     device = accel.resolve_device(cfg.device_for("sft"))
+    accel.set_device(device)
+    accel.set_deterministic(device, cfg.run.deterministic)
     amp_dtype = accel.resolve_dtype(s.dtype, device)
     # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
     # compared with it (resilience.replicas: identical copies fed identical batches).
@@ -181,7 +183,7 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
                 model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
                 optimizer.load_state_dict(ckpt["optimizer"] if i == 0 else copy.deepcopy(ckpt["optimizer"]))
             state = ckpt["train_state"]
-            accel.set_rng_state(state["rng"])
+            accel.set_rng_state(state["rng"], device)
             if "guard" in state:
                 guard.load_state_dict(state["guard"])
             else:  # a checkpoint from before the guard existed
@@ -208,7 +210,7 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
         nonlocal checkpoint_seconds
         started = time.perf_counter()
         train_state = {"phase": "sft", "data_position": step * s.batch_size * s.grad_accum,
-                       "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(),
+                       "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(device),
                        "guard": guard.state_dict(), "useful_seconds": useful_seconds}
         (saver.save if saver is not None else save_checkpoint)(
             ckpt_root, step, models[0].checkpoint_state(), train_state, optimizers[0].state_dict(),
