@@ -286,6 +286,9 @@ def cmd_doctor(args) -> int:
     for b in report["backends"]:
         runs = ", ".join(b["runs"]) if b["installed"] else f"not installed: {b['install']}"
         print(f"  {b['backend']:9s} {b['version'] or '-':10s} {runs}")
+        if "on_this_cpu" in b:
+            from tandem.infer.gguf_probe import health_text
+            print(f"  {'':20s} on this CPU: {health_text(b['on_this_cpu'])}")
     return 0
 
 

@@ -154,7 +154,8 @@ class ResilienceConfig:
                                    # checkpoint before the trouble (0 = never roll back)
     max_rollbacks: int = 3         # rollbacks in a row without progress (no update applied past the step
                                    # the previous rollback left) before training gives up: one-line
-                                   # error, exit status 3, not retried by --supervise (0 = never give up)
+                                   # error, exit status 3, not retried by --supervise; it also gives up
+                                   # when the last guard_window updates were all skipped (0 = never give up)
     replicas: int = 1              # in-process model replicas fed the same batches (2 = silent-corruption
                                    # detection that can tell the bad replica and repair it; 2x compute)
     check_every: int = 0           # compare weight and gradient fingerprints every K steps (0 = off; with

@@ -27,7 +27,12 @@ from tandem.errors import TandemError
 
 
 class ChildCrashed(TandemError):
-    """The child process died (a crash in native code), reported as one line."""
+    """The child process died (a crash in native code), reported as one line; `signum` is the
+    number of the signal that killed it (None when it exited or was already closed)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -102,7 +107,8 @@ class Child:
         else:
             cause = f"exited unexpectedly (status {code})"
         subject = f" {self.subject}" if self.subject else ""
-        raise ChildCrashed(f"{self.what} {cause} {doing}{subject}{self.hint}")
+        raise ChildCrashed(f"{self.what} {cause} {doing}{subject}{self.hint}",
+                           -code if code is not None and code < 0 else None)
 
     def close(self) -> None:
         """Stop the child (politely, then by force) and forget it."""

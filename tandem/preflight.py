@@ -11,7 +11,9 @@ tandem/preflight_targets.toml: data, not code, so a stale constraint is a one-li
 citation. The checks run on the model's config alone (no weights are
 loaded), then, where the target's hardware is present on this machine, the dtype is probed on the
 device (accel.py) and the installed software versions are read; where it is absent those checks
-say "skip" rather than guess.
+say "skip" rather than guess. For llamacpp, where llama-cpp-python is installed (this machine would
+serve), each GGUF type is run once on a tiny model in a child process (infer/gguf_probe.py): a type
+whose kernels crash on this CPU fails the check instead of crashing the server later.
 
 Each check has a status: ok, warn (works with a caveat or a flag), fail (will not work as is), skip
 (not checkable here). Exit status 0 when nothing fails, 1 otherwise.
@@ -119,8 +121,29 @@ def _rule(rule: dict, facts: dict, dtype: str, tp: int) -> tuple[str, str] | Non
     return status, rule["message"].format(value=value, values=values, actual=actual)
 
 
-def preflight(model: str | Path, target: str, dtype: str | None = None, tp: int = 1) -> dict:
-    """Run every check of `target` on `model`; returns the JSON-able report."""
+def _gguf_cpu_check(dtype: str, gguf_probe) -> tuple[str, str] | None:
+    """(status, message): does llama.cpp run `dtype` on this CPU? None where it is not installed."""
+    from tandem.infer.gguf_probe import gguf_health, health_text, run_gguf
+    if gguf_probe is None:
+        try:
+            metadata.version("llama_cpp_python")
+        except metadata.PackageNotFoundError:
+            return None
+    health = gguf_health(gguf_probe or run_gguf)
+    found = f"llama.cpp on this CPU: {health_text(health)}"
+    if dtype not in health:
+        return "skip", found
+    if health[dtype] == "ok":
+        return "ok", found
+    working = [t for t, result in health.items() if result == "ok"]
+    fix = (f"; serve {' or '.join(working)} instead (--dtype, and export with it)" if working else
+           "; no GGUF type runs here: reinstall llama-cpp-python built for this CPU")
+    return "fail", found + fix
+
+
+def preflight(model: str | Path, target: str, dtype: str | None = None, tp: int = 1, gguf_probe=None) -> dict:
+    """Run every check of `target` on `model`; returns the JSON-able report. `gguf_probe` replaces
+    the llama.cpp run of infer/gguf_probe.py (tests)."""
     from tandem import accel
     targets = load_targets()
     if target not in targets:
@@ -189,6 +212,9 @@ def preflight(model: str | Path, target: str, dtype: str | None = None, tp: int 
                 t.get("packages_source", ""))
         else:
             add("software", "ok", f"{name} {version} installed", t.get("packages_source", ""))
+    cpu = _gguf_cpu_check(dtype, gguf_probe) if t["loads"] == "gguf" else None
+    if cpu is not None:
+        add("cpu_kernels", *cpu, "probed by tandem.infer.gguf_probe (a tiny model of each GGUF type, in a child)")
     failed = [x for x in checks if x["status"] == "fail"]
     warned = [x for x in checks if x["status"] == "warn"]
     return {"target": target, "title": t["title"], "loads": t["loads"], "model": facts["path"],

@@ -19,6 +19,21 @@ def tiny_model_config(**overrides):
     return ModelConfig(**{**base, **overrides})
 
 
+def fragile_llama(file: str) -> str:
+    """Stands in for llama.cpp's run of a GGUF file in infer/gguf_probe.py's child: it reads the
+    file the parent exported, then on q8_0 dereferences NULL (a real segfault, in C) and on f16
+    raises; f32 is "ok"."""
+    import ctypes
+    from tandem.export.gguf import GGUF_TYPES, read_gguf_metadata
+    gguf_type = {0: "f32", 1: "f16", 7: "q8_0"}[read_gguf_metadata(file)["general.file_type"]]
+    assert gguf_type in GGUF_TYPES and gguf_type in Path(file).name
+    if gguf_type == "q8_0":
+        ctypes.string_at(0)
+    if gguf_type == "f16":
+        raise ValueError("no f16 kernels\nsecond line")
+    return "ok"
+
+
 def run_tandem(*args, timeout=300, env=None):
     """Run the real `tandem` CLI in a subprocess; returns CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "tandem.cli", *map(str, args)], capture_output=True, text=True,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_tandem, tiny_model_config
+from conftest import fragile_llama, run_tandem, tiny_model_config
 from tandem.model import Transformer
 
 gguf = pytest.importorskip("gguf")
@@ -241,3 +241,29 @@ def test_a_llama_cpp_crash_is_one_line_and_leaves_nothing_behind(smoke_run, tmp_
     assert "try llamacpp:f32 or llamacpp:f16" in str(err.value) and "\n" not in str(err.value)
     backend.close()
     assert not temp.exists()
+
+
+def test_gguf_probe_reports_each_type_with_a_real_crash(tmp_path, monkeypatch):
+    """doctor's llamacpp entry: each GGUF type is exported here and run in its own child; one that
+    segfaults (really: NULL dereferenced in C) is "crashes (signal 11)", the others still report,
+    and the temp GGUFs are removed."""
+    import tempfile
+    from tandem.infer.backends import available_backends
+    from tandem.infer.gguf_probe import health_text
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))       # where the probe's temp folder goes
+    entry = next(b for b in available_backends(gguf_probe=fragile_llama) if b["backend"] == "llamacpp")
+    assert entry["on_this_cpu"] == {"f32": "ok", "f16": "fails: no f16 kernels", "q8_0": "crashes (signal 11)"}
+    assert health_text(entry["on_this_cpu"]) == "f32 ok, f16 fails: no f16 kernels, q8_0 crashes (signal 11)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_doctor_probes_llama_cpp_when_installed():
+    pytest.importorskip("llama_cpp")
+    result = run_tandem("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    entry = next(b for b in json.loads(result.stdout)["backends"] if b["backend"] == "llamacpp")
+    health = entry["on_this_cpu"]
+    assert list(health) == ["f32", "f16", "q8_0"] and health["f32"] == "ok", health
+    assert all(r == "ok" or r.startswith("crashes (signal ") for r in health.values()), health
+    text = run_tandem("doctor")
+    assert f"on this CPU: f32 ok, f16 {health['f16']}" in text.stdout

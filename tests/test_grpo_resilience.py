@@ -1,7 +1,8 @@
 """GRPO on unstable hardware: the guard skips non-finite updates and rolls back after repeated
 trouble, silent corruption is found and repaired on one trainer (against a recomputation) and
 across two data-parallel trainer ranks (by a vote on all-gathered fingerprints), and the guard's
-state survives a resume. Sync mode with colocated rollouts on the cpu, so runs compare bitwise."""
+state survives a resume; when every update fails, `tandem rl` gives up (exit 3). Sync mode with
+colocated rollouts on the cpu, so runs compare bitwise."""
 
 import json
 import os
@@ -169,3 +170,38 @@ def test_with_three_ranks_the_majority_repairs_a_gradient_by_broadcast(tmp_path,
     assert [(i["kind"], i["step"]) for i in incidents] == [("corruption", 1)]
     assert incidents[0]["detail"] == (f"gradients of replica {victim} differed from the majority of 3 computations; "
                                       "repaired")
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    """A two-step smoke SFT: enough for GRPO to start from (a run whose updates all fail needs no
+    useful model)."""
+    from tandem.pipeline import build_tasks, ensure_tokenizer
+    from tandem.train.sft import train_sft
+    cfg = load_config(preset="smoke", overrides=["run.threads=1", "sft.steps=2", "sft.checkpoint_every=2"])
+    init = prepare_run(tmp_path_factory.mktemp("tiny") / "sft", cfg)
+    tasks = build_tasks(cfg)
+    train_sft(cfg, init, ensure_tokenizer(cfg, init, tasks), tasks, progress=False)
+    return init
+
+
+@pytest.mark.parametrize("rule,sets,incidents", [
+    ("the last 2 updates were all skipped", ["resilience.rollback_after=0", "resilience.guard_window=2"], {"skip"}),
+    ("1 rollback(s) in a row", ["resilience.rollback_after=1", "resilience.max_rollbacks=1"], {"skip", "rollback"}),
+])
+def test_tandem_rl_gives_up_when_every_update_fails(tmp_path, tiny_sft, rule, sets, incidents):
+    """A NaN loss at every GRPO step (a persistent fault on the trainer): `tandem rl` gives up with
+    one error line and exit 3 under either bound (only skipping, or rolling back), not "done"."""
+    steps = 6
+    faults = ",".join(f"trainer/nan@{k}" for k in range(steps + 1))
+    overrides = RL[:-3] + [f"rl.steps={steps}", "rl.max_new_tokens=8", "rl.updates_per_batch=1",
+                           f'resilience.faults="{faults}"', *sets]
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "rl", "--init", str(tiny_sft), "--out", str(tmp_path / "rl"),
+         "--preset", "smoke", *sum((["--set", o] for o in overrides), [])],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"not making progress: {rule}" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "done" not in result.stdout
+    assert {kind for kind, _ in _incidents(tmp_path / "rl")} == incidents

@@ -5,8 +5,9 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 
-from conftest import ROOT, tiny_model_config
+from conftest import ROOT, fragile_llama, tiny_model_config
 
 
 def run_tandem(*args, capsys=None):
@@ -134,3 +135,16 @@ def test_bad_input_is_one_line(tmp_path, smoke_run, capsys):
 
 def test_targets_file_ships_with_the_package():
     assert Path(ROOT / "tandem" / "preflight_targets.toml").is_file()
+
+
+def test_llamacpp_fails_a_type_that_crashes_on_this_cpu(tmp_path):
+    """With a probe that really segfaults on q8_0 (in its child), preflight for q8_0 fails with a
+    line naming every type's result and the types to serve instead."""
+    pytest.importorskip("gguf")
+    from tandem.preflight import format_text, preflight
+    report = preflight(_hf_like(tmp_path), "llamacpp", dtype="q8_0", gguf_probe=fragile_llama)
+    check = next(c for c in report["checks"] if c["check"] == "cpu_kernels")
+    assert not report["ok"] and check["status"] == "fail", report
+    assert check["message"] == ("llama.cpp on this CPU: f32 ok, f16 fails: no f16 kernels, q8_0 crashes "
+                                "(signal 11); serve f32 instead (--dtype, and export with it)")
+    assert "q8_0 crashes (signal 11)" in format_text(report)

@@ -22,8 +22,8 @@ from tandem.pipeline import build_tasks, ensure_tokenizer
 from tandem.runs import prepare_run
 from tandem.train.checkpoint import (AsyncCheckpointer, latest_valid, list_checkpoints, load_checkpoint,
                                      save_checkpoint, verify_checkpoint)
-from tandem.train.resilience import (FaultInjector, StepGuard, fingerprint, flip_bit, mtbf_schedule, parse_schedule,
-                                     read_jsonl, schedule_text)
+from tandem.train.resilience import (INCIDENTS_FILE, FaultInjector, StepGuard, fingerprint, flip_bit, mtbf_schedule,
+                                     parse_schedule, read_jsonl, schedule_text)
 from tandem.train.sft import train_sft
 
 BASE = ["sft.steps=12", "sft.checkpoint_every=4", "sft.log_every=1", "run.threads=1"]
@@ -106,6 +106,42 @@ def test_guard_gives_up_after_max_rollbacks_without_progress():
     guard.rolled_back(1)
     assert guard.check(2, 2.0, 1.0).action == "update"            # past the rollback: progress
     assert guard.check(3, float("nan"), 1.0).action == "rollback" # so this is the first in a row again
+
+
+def test_guard_that_only_skips_gives_up_after_a_window_of_skips():
+    guard = StepGuard(window=3, rollback_after=0)
+    assert [guard.check(s, float("nan"), 1.0).action for s in (1, 2)] == ["skip", "skip"]
+    assert guard.check(3, 2.0, 1.0).action == "update"                # an applied update ends the streak
+    assert [guard.check(s, float("nan"), 1.0).action for s in (4, 5)] == ["skip", "skip"]
+    state = guard.state_dict()
+    resumed = StepGuard(window=3, rollback_after=0)
+    resumed.load_state_dict(json.loads(json.dumps(state)))              # as train_state.json holds it
+    for g in (guard, resumed):                                          # so a resume decides alike
+        with pytest.raises(TrainingFailed, match="the last 3 updates were all skipped") as err:
+            g.check(6, float("nan"), 1.0)
+        assert "\n" not in str(err.value)
+    patient = StepGuard(window=3, rollback_after=0, max_rollbacks=0)    # 0 = never give up
+    assert [patient.check(s, float("inf"), 1.0).action for s in range(10)] == ["skip"] * 10
+
+
+def _sft_cli(out, *overrides):
+    sets = sum((["--set", o] for o in overrides), [])
+    return subprocess.run([sys.executable, "-m", "tandem.cli", "sft", "--preset", "smoke", "--out", str(out), *sets],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_persistent_nan_without_rollbacks_gives_up_with_exit_3(tmp_path):
+    """rollback_after = 0: the guard only skips, so without a bound a run whose every update fails
+    would say done. It gives up once a window's worth of updates in a row was skipped."""
+    faults = ",".join(f"nan@{k}" for k in range(20))
+    result = _sft_cli(tmp_path / "run", "resilience.rollback_after=0", "resilience.guard_window=5",
+                      "sft.checkpoint_every=2", f'resilience.faults="{faults}"')
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the last 5 updates were all skipped" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "done" not in result.stdout
+    skips = [i for i in read_jsonl(tmp_path / "run" / INCIDENTS_FILE) if i["kind"] == "skip"]
+    assert len(skips) == 4                                   # the fifth skip is the one that gives up
 
 
 def test_persistent_nan_gives_up_with_exit_3_and_is_not_retried(tmp_path):

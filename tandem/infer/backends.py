@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -537,8 +538,10 @@ def open_backend(spec: str | BackendSpec, model_path, max_batch: int = 32, seed:
     return LlamaCppProcess(spec, model_path, seed=seed)
 
 
-def available_backends() -> list[dict]:
-    """What `tandem doctor` lists: each backend, whether it is installed, and what it can run."""
+def available_backends(gguf_probe: Callable[[str], str] | None = None) -> list[dict]:
+    """What `tandem doctor` lists: each backend, whether it is installed, and what it can run.
+    Where llama-cpp-python is installed (or `gguf_probe` is given: tests), its entry has
+    "on_this_cpu": whether llama.cpp runs each GGUF type here (infer/gguf_probe.py)."""
     from tandem import accel
     torch_runs = [f"torch:{dev}:{dt}" for dev in accel.available_devices() for dt in accel.supported_dtypes(dev)]
     out = [{"backend": "torch", "installed": True, "version": torch.__version__, "runs": torch_runs,
@@ -555,4 +558,7 @@ def available_backends() -> list[dict]:
                 "reads": ".gguf files (a run is exported to a temp GGUF first; needs gguf "
                          f"{'installed' if gguf_version else 'missing'})",
                 "install": "pip install 'tandem[llamacpp]'"})
+    if cpp_version or gguf_probe:
+        from tandem.infer.gguf_probe import gguf_health, run_gguf
+        out[-1]["on_this_cpu"] = gguf_health(gguf_probe or run_gguf)
     return out

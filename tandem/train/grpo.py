@@ -84,10 +84,11 @@ no majority rolls back. A single trainer is checked as SFT's single replica is: 
 against a recomputation, its weights against that recorded fingerprint (a mismatch rolls back).
 The guard skips an update whose loss or gradient norm is not finite or spikes (`skipped` in
 metrics.jsonl, an incident in incidents.jsonl) and rolls back to the last RL checkpoint after
-resilience.rollback_after skips. A rollback restores every rank from that checkpoint and restarts
-the rollouts there: the batches of abandoned steps are waited out and thrown away, and the restored
-weights are published again under their step's version. GRPO's replicas are its trainer ranks
-(resilience.replicas is SFT's in-process replication).
+resilience.rollback_after skips; when no update gets through it gives up as SFT's does
+(TrainingFailed, exit 3: train/resilience.py, StepGuard). A rollback restores every rank from that
+checkpoint and restarts the rollouts there: the batches of abandoned steps are waited out and
+thrown away, and the restored weights are published again under their step's version. GRPO's
+replicas are its trainer ranks (resilience.replicas is SFT's in-process replication).
 
 Resume. RL checkpoints go to runs/NAME/checkpoints/rl/ (weights, AdamW moments, step, data
 position = step x prompts_per_step, every RNG state, the guard's state, and the init checkpoint the

@@ -44,7 +44,9 @@ Both trainers (train/sft.py, train/grpo.py) call the same hooks and use five pie
   transient, so the guard only skips. When `max_rollbacks` rollbacks follow each other without
   progress (no update applied past the step the previous rollback left), the run gives up: it
   raises TrainingFailed (CLI exit 3) rather than rolling back forever and calling a run that never
-  trained "done". Its window and every decision are checkpointed
+  trained "done". It also gives up when it has skipped each of the last `guard_window` updates it
+  was asked about (the bound that remains with rollback_after = 0, where it only skips);
+  max_rollbacks = 0 turns both off. Its window and every decision are checkpointed
   (train_state.json), so a resumed run decides exactly like an uninterrupted one. GRPO asks it once
   per optimizer step (rl.updates_per_batch of them per batch); its trainer ranks feed it the loss
   and the gradient norm agreed over the group, so every rank decides alike.
@@ -496,6 +498,7 @@ class StepGuard:
         """The state of a run that has not started."""
         self.norms: deque = deque(maxlen=self.window)  # grad norms of recently applied updates
         self.skipped: list = []                        # [step, reason] of every skipped update
+        self.skips_in_a_row = 0                        # updates skipped since the last one applied
         self.replay_until = -1                         # steps <= this are a replay after a rollback
 
     @classmethod
@@ -503,14 +506,17 @@ class StepGuard:
         return cls(r.guard, r.guard_window, r.guard_zscore, r.guard_min_history, r.rollback_after, r.max_rollbacks)
 
     def check(self, step: int, loss: float, grad_norm: float) -> Verdict:
-        """The verdict on one update; raises TrainingFailed instead of a rollback too many."""
+        """The verdict on one update; raises TrainingFailed instead of a rollback too many or of the
+        skip that makes the last `window` updates all skipped."""
         reason = self._trouble(loss, grad_norm) if self.enabled else ""
         if not reason:
             self.norms.append(grad_norm)
+            self.skips_in_a_row = 0
             if step > self.replay_until:
                 self.futile_rollbacks = 0  # progress past the last rollback
             return Verdict("update")
         self.skipped.append([step, reason])
+        self.skips_in_a_row += 1
         recent = [s for s, _ in self.skipped if s > step - self.window]
         if self.rollback_after and len(recent) >= self.rollback_after and step > self.replay_until:
             self.futile_rollbacks += 1
@@ -520,6 +526,11 @@ class StepGuard:
                     f"updates still fail at step {step} (last: {reason}); the checkpoints of the steps done "
                     "are kept. Lower the learning rate or check the data, or raise resilience.max_rollbacks")
             return Verdict("rollback", f"{len(recent)} skipped updates in {self.window} steps (last: {reason})")
+        if self.max_rollbacks and self.skips_in_a_row >= self.window:
+            raise TrainingFailed(
+                f"training is not making progress: the last {self.window} updates were all skipped (at step "
+                f"{step}: {reason}); the checkpoints of the steps done are kept. Lower the learning rate or "
+                "check the data, or raise resilience.guard_window")
         return Verdict("skip", reason)
 
     def _trouble(self, loss: float, grad_norm: float) -> str:
@@ -547,12 +558,13 @@ class StepGuard:
 
     def state_dict(self) -> dict:
         return {"norms": list(self.norms), "skipped": [list(s) for s in self.skipped],
-                "replay_until": self.replay_until}
+                "replay_until": self.replay_until, "skips_in_a_row": self.skips_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.norms = deque(state["norms"], maxlen=self.window)
         self.skipped = [list(s) for s in state["skipped"]]
         self.replay_until = state["replay_until"]
+        self.skips_in_a_row = state.get("skips_in_a_row", 0)  # absent in checkpoints from before it
 
 
 # -----------------------------------------------------------------------------------------------
