@@ -3,16 +3,14 @@ trouble, silent corruption is found and repaired on one trainer (against a recom
 across two data-parallel trainer ranks (by a vote on all-gathered fingerprints), and the guard's
 state survives a resume. Sync mode with colocated rollouts on the cpu, so runs compare bitwise."""
 
-import json
 import os
-import random
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, coin_flip_task
 from tandem.config import load_config
 from tandem.model import weights_fingerprint
 from tandem.runs import prepare_run, read_metrics
@@ -32,11 +30,7 @@ def coin(tmp_path_factory):
     from tandem.pipeline import build_tasks, ensure_tokenizer
     from tandem.train.sft import train_sft
     root = tmp_path_factory.mktemp("coin")
-    rng = random.Random(0)
-    data = root / "coin.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Pick a or b ({i})", "answer": rng.choice("ab")}) + "\n"
-                            for i in range(60)))
-    task = [f'data.tasks=["{data}"]']
+    task = [coin_flip_task(root)]
     cfg = load_config(preset="smoke", overrides=task + ["run.threads=1", "sft.steps=60", "sft.lr=0.01"])
     init = prepare_run(root / "sft", cfg)
     tasks = build_tasks(cfg)
