@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models and configs built inside the tests (no downloads, CPU only)."""
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,19 @@ def run_tandem(*args, timeout=300, env=None):
     """Run the real `tandem` CLI in a subprocess; returns CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "tandem.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def coin_flip_task(folder: Path) -> str:
+    """Write a JSONL task of 60 coin flips ("Pick a or b (i)", answer a random a or b) into `folder`;
+    returns the `data.tasks=[...]` override naming it. No model can know the answers, so once a short
+    SFT has taught the format, about half of the answers in a group are right whatever the training
+    trajectory: group rewards differ and GRPO updates are not zero on any machine (on a real task a
+    smoke model's answers are all wrong, or all formatted alike, in most groups)."""
+    rng = random.Random(0)
+    data = folder / "coin.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Pick a or b ({i})", "answer": rng.choice("ab")}) + "\n"
+                            for i in range(60)))
+    return f'data.tasks=["{data}"]'
 
 
 @pytest.fixture(scope="session")

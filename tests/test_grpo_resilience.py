@@ -4,16 +4,14 @@ across two data-parallel trainer ranks (by a vote on all-gathered fingerprints),
 state survives a resume; when every update fails, `tandem rl` gives up (exit 3). Sync mode with
 colocated rollouts on the cpu, so runs compare bitwise."""
 
-import json
 import os
-import random
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, coin_flip_task
 from tandem.config import load_config
 from tandem.model import weights_fingerprint
 from tandem.runs import prepare_run, read_metrics
@@ -33,11 +31,7 @@ def coin(tmp_path_factory):
     from tandem.pipeline import build_tasks, ensure_tokenizer
     from tandem.train.sft import train_sft
     root = tmp_path_factory.mktemp("coin")
-    rng = random.Random(0)
-    data = root / "coin.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Pick a or b ({i})", "answer": rng.choice("ab")}) + "\n"
-                            for i in range(60)))
-    task = [f'data.tasks=["{data}"]']
+    task = [coin_flip_task(root)]
     cfg = load_config(preset="smoke", overrides=task + ["run.threads=1", "sft.steps=60", "sft.lr=0.01"])
     init = prepare_run(root / "sft", cfg)
     tasks = build_tasks(cfg)

@@ -160,20 +160,15 @@ def test_two_data_parallel_trainers_match_one(tmp_path):
     """torchrun with rl.trainers = 2 (gloo on the cpu) + 1 rollout worker takes the same steps as one
     trainer: each trainer computes half the sequences and the gradients are summed. A coin-flip
     JSONL task makes rewards vary from the first step, so the gradients are not zero."""
-    import random
     import socket
     import subprocess
     import sys
-    from conftest import ROOT
+    from conftest import ROOT, coin_flip_task
     from tandem.pipeline import build_tasks, ensure_tokenizer
     from tandem.train.checkpoint import load_checkpoint
     from tandem.train.grpo import train_grpo
     from tandem.train.sft import train_sft
-    rng = random.Random(0)
-    data = tmp_path / "coin.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Pick a or b ({i})", "answer": rng.choice("ab")}) + "\n"
-                            for i in range(60)))
-    common = [f'data.tasks=["{data}"]', "run.threads=1", "rollout.threads=1", "rl.mode=sync", "rl.lr=0.001",
+    common = [coin_flip_task(tmp_path), "run.threads=1", "rollout.threads=1", "rl.mode=sync", "rl.lr=0.001",
               "rl.max_new_tokens=16", "rl.steps=3"]
     sft_cfg = load_config(preset="smoke", overrides=common + ["sft.steps=60", "sft.lr=0.01"])
     init = prepare_run(tmp_path / "sft", sft_cfg)
