@@ -98,7 +98,7 @@ def prepare_run(out: str | Path, cfg: Config) -> Path:
         if diffs:
             raise ConfigError(f"run folder {run_dir} holds a different config ({'; '.join(diffs[:3])}); "
                               "use a new --out, or rerun with the same settings to resume")
-        if previous != resolved:  # only resumable fields changed: the folder records the new values
+        if config_diff(previous, resolved):  # only resumable fields changed: record the new values
             with writing(run_dir):
                 write_json_atomic(config_path, resolved)
         return run_dir

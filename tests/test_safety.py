@@ -277,9 +277,10 @@ def test_sft_into_a_folder_with_someone_elses_config_json(tmp_path):
         out = tmp_path / "theirs"
         out.mkdir(exist_ok=True)
         (out / "config.json").write_text(json.dumps(config) if isinstance(config, dict) else config)
-        one_line_error(run_tandem("sft", *SMOKE, "--out", out), out,
-                       "is not a tandem run folder (its config.json is not one)")
-        assert [p.name for p in out.iterdir()] == ["config.json"]
+        for supervise in ([], ["--supervise"]):   # the supervisor writes nothing into it either
+            one_line_error(run_tandem("sft", *SMOKE, "--out", out, *supervise), out,
+                           "is not a tandem run folder (its config.json is not one)")
+            assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
 def test_resume_with_a_changed_log_every_is_exact(run, tmp_path):

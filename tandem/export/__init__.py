@@ -150,13 +150,13 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.parent.is_dir():  # first: a crash mid-swap may have left the previous export aside
-        with writing(out):
-            clean_stale_staging(out)
-    out = check_out(out, force)
     source, target_dir = Path(model).resolve(), out.resolve()
     if target_dir == source or target_dir in source.parents:
         raise ModelError(f"--out {out} is the model folder or contains it; export somewhere else")
+    if out.parent.is_dir():  # before the checks: a crash mid-swap may have left the previous export aside
+        with writing(out):
+            clean_stale_staging(out)
+    out = check_out(out, force)
     if gate:  # fail on a bad spec or a missing backend before any work is done
         from tandem.infer.backends import check_installed, parse_backend
         check_installed(parse_backend(gate))
