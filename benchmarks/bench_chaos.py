@@ -44,7 +44,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, environment, median, table, write_section  # noqa: E402
+from benchmarks.common import ROOT, environment, fresh_scratch, median, table, write_section  # noqa: E402
 from tandem.chaos import match_detections, run_job  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.model import weights_fingerprint  # noqa: E402
@@ -301,18 +301,14 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=5, help="checkpoint saves timed each way")
     parser.add_argument("--skip", default="",
                         help="comma-separated sections to skip: kills,grpo,flips,checkpoints,hang,goodput,async")
-    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-chaos"), help="scratch folder (emptied)")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-chaos"), help="scratch folder (emptied if an earlier run of this benchmark made it)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and docs/chaos_goodput.png")
     args = parser.parse_args()
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
     skip = set(args.skip.split(","))
-    work = Path(args.work)
-    if work.exists():
-        import shutil
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = fresh_scratch(Path(args.work))
     started = time.perf_counter()
     parts = []
     twin = None

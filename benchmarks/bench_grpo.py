@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
-from tandem.runs import read_metrics, read_summary  # noqa: E402
+from tandem.runs import read_metrics, read_summary, remove_run  # noqa: E402
 from tandem.train.checkpoint import latest_valid  # noqa: E402
 
 BENCH = ROOT / "runs" / "bench"
@@ -70,7 +69,7 @@ def rl_run(init: Path, name: str, overrides: list[str], reuse: bool = False) -> 
     from tandem.train.grpo import run_rl_stage
     out = BENCH / name
     if not reuse:
-        shutil.rmtree(out, ignore_errors=True)
+        remove_run(out)
     cfg = load_config(preset="tiny", overrides=overrides)
     started = time.perf_counter()
     run_rl_stage(cfg, init, out, progress=False)
@@ -85,7 +84,7 @@ def steady_rate(run_dir: Path, skip: int = 2) -> float:
 
 def part_demo(args) -> str:
     out = BENCH / "demo"
-    shutil.rmtree(out, ignore_errors=True)
+    remove_run(out)
     started = time.perf_counter()
     tandem("pipeline", "--preset", "tiny", "--out", out, "--quiet")
     minutes = (time.perf_counter() - started) / 60

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 from benchmarks.bench_grpo import BENCH, ensure_sft, steady_rate  # noqa: E402
 from benchmarks.common import environment, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
-from tandem.runs import read_metrics  # noqa: E402
+from tandem.runs import read_metrics, remove_run  # noqa: E402
 
 PROMPTS, G, MAX_NEW = 8, 8, 48
 
@@ -114,7 +113,7 @@ def main() -> None:
                 ["rl.mode=async", "rollout.workers=1", "rl.threads=1", "rollout.threads=1"]}
         for label, overrides in runs.items():
             out = BENCH / f"trl-{overrides[0].split('=')[1]}"
-            shutil.rmtree(out, ignore_errors=True)
+            remove_run(out)
             run_rl_stage(load_config(preset="tiny", overrides=base + overrides), init, out, progress=False)
             rates[label] = steady_rate(out)
             rewards[label] = [r["reward"] for r in read_metrics(out, "rl")]

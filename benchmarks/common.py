@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: medians, markdown tables, and writing a section of BENCHMARKS.md.
+"""Helpers shared by the benchmarks: medians, markdown tables, writing a section of BENCHMARKS.md, and
+scratch folders that only a benchmark's own earlier scratch folder may be emptied as.
 
 Each benchmark owns one section between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers and
 rewrites only that section, with the command that produced it, the date, versions and threads.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -18,6 +20,23 @@ HEADER = ("# tandem benchmarks\n\nEvery table below is written by a script in `b
           "made it is under its heading. Peers are measured side by side in the same run; figures are "
           "medians over repeats, and ratios are what we claim (absolute times on this shared 2-core "
           "machine are noisy).\n")
+
+
+SCRATCH_MARK = ".tandem-bench-scratch"
+
+
+def fresh_scratch(path: Path) -> Path:
+    """An empty folder at `path`, marked as a benchmark's scratch. An existing folder is emptied
+    only if it carries that mark; any other is refused (the benchmark stops), never deleted."""
+    path = Path(path)
+    if path.exists():
+        if not (path / SCRATCH_MARK).is_file():
+            sys.exit(f"{path} exists and is not a benchmark's scratch folder (no {SCRATCH_MARK}); "
+                     "choose another folder or remove it yourself")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / SCRATCH_MARK).write_text("a tandem benchmark's scratch folder: emptied by the next run\n")
+    return path
 
 
 def median(values) -> float:

@@ -413,13 +413,14 @@ def validate(cfg: Config) -> None:
                           "or resilience.check_every = 0 and resilience.replicas = 1")
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ between two resolved configs, as 'section.key: old -> new'."""
+def config_diff(a: dict, b: dict, prefix: str = "", ignore=frozenset()) -> list[str]:
+    """Keys whose values differ between two resolved configs, as 'section.key: old -> new';
+    keys named in `ignore` ('section.key') are not compared."""
     diffs = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key != "task_params":
-            diffs += config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
+            diffs += config_diff(va, vb, f"{prefix}{key}.", ignore)
+        elif va != vb and f"{prefix}{key}" not in ignore:
             diffs.append(f"{prefix}{key}: {va!r} -> {vb!r}")
     return diffs

@@ -45,7 +45,7 @@ from typing import Callable
 
 from tandem.errors import TandemError
 from tandem.progress import log
-from tandem.runs import write_json_atomic
+from tandem.runs import read_run_config, write_json_atomic
 from tandem.train.resilience import ATTEMPT_ENV, HEARTBEAT_GLOB, INCIDENTS_FILE, append_jsonl
 
 SUPERVISOR_FILE = "supervisor.json"
@@ -221,8 +221,9 @@ def _interrupt(signum, frame):
 
 
 def _record(run_dir: Path, supervision: Supervision, attempt: Attempt) -> None:
-    """supervisor.json and the incident log, once the child has created the run folder."""
-    if not (run_dir / "config.json").is_file():
+    """supervisor.json and the incident log, once the child has created the run folder (a folder
+    with a config.json that is not tandem's was refused by the child, and is left untouched)."""
+    if read_run_config(run_dir) is None:
         return
     write_json_atomic(run_dir / SUPERVISOR_FILE, supervision.to_dict())
     if attempt.outcome in ("crashed", "hung"):

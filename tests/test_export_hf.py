@@ -264,9 +264,9 @@ def test_export_refusals_are_one_line_and_leave_nothing(smoke_run, tmp_path):
         result = run_tandem("export", "--model", smoke_run, "--out", target, "--force")
         assert result.returncode == 2 and "contains it" in result.stderr
     assert (smoke_run / "config.json").is_file()
-    result = run_tandem("export", "--model", smoke_run, "--out", out, "--force")
-    assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    result = run_tandem("export", "--model", smoke_run, "--out", out, "--force")  # not an export: kept
+    assert result.returncode == 2 and "not an earlier tandem export" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "taken"]  # no .tmp/.old folders
 
 

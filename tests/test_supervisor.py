@@ -73,7 +73,7 @@ def test_gives_up_after_max_restarts_with_a_report(tmp_path):
 
 def test_backoff_without_progress_and_no_retry_of_user_errors(tmp_path):
     assert [backoff_delay(n, 1.0, 5.0) for n in range(5)] == [0.0, 1.0, 2.0, 4.0, 5.0]
-    (tmp_path / "config.json").write_text("{}")  # so the supervisor records into this folder
+    (tmp_path / "config.json").write_text(json.dumps(load_config().to_dict()))  # a run folder: recorded into
     started = time.time()
     supervision = supervise(lambda: 1, tmp_path, Policy(max_restarts=2, backoff=0.1, backoff_max=1.0), poll=0.01)
     assert [a.waited for a in supervision.attempts] == [0.0, 0.1, 0.2] and supervision.gave_up

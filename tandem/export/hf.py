@@ -37,11 +37,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from tandem.errors import ModelError
 from tandem.model import ModelConfig, Transformer
+from tandem.train.checkpoint import save_safetensors
 from tandem.tokenizer import IM_END, IM_START, PAD, ChatTokenizer, hf_tokenizer_config
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -155,13 +155,13 @@ def write_hf(config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: C
         size += nbytes
     files = []
     if len(shards) == 1:
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
         files.append("model.safetensors")
     else:
         weight_map = {}
         for i, names in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: state[n] for n in names}, str(folder / fname), metadata={"format": "pt"})
+            save_safetensors({n: state[n] for n in names}, folder / fname, metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})
             files.append(fname)
         total = sum(t.numel() * t.element_size() for t in state.values())
@@ -274,10 +274,14 @@ def import_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], C
 
     weights: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                if not _IGNORED_WEIGHTS.search(name):
-                    weights[name] = handle.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    if not _IGNORED_WEIGHTS.search(name):
+                        weights[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{file} is unreadable ({str(exc).splitlines()[0]}): truncated or corrupt; "
+                             "export or download the model again") from None
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)   # HF ignores a stored head when tied; so do we
     with torch.device("meta"):

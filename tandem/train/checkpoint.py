@@ -14,7 +14,9 @@ It is written into a hidden temp folder, every file fsynced, the manifest writte
 renamed into place (atomic on POSIX) and the parent fsynced. A folder without a manifest, or whose
 files do not match it, is not a checkpoint: loading skips it with a warning and falls back to the
 previous one. The manifest carries a SHA-256 of its own content, so a damaged manifest is caught
-too. Only the newest `keep` committed checkpoints are kept.
+too. Only the newest `keep` committed checkpoints are kept. manifest.json is also tandem's mark on
+the folder: a `step_N` folder without one was not written here (a commit always has one) and is
+never deleted; a temp folder is deleted only once the process named in it is gone.
 
 AsyncCheckpointer does the same write in a background thread: the trainer waits only for a copy of
 the state to host memory, and the commit is the same manifest-last rename, so a crash mid-write
@@ -46,6 +48,38 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists: a temp folder named after a live process may still be in use."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def current_umask() -> int:
+    """The process umask, read without setting it (os.umask can only read it by changing it, which
+    would race with files the background checkpoint writer creates meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the racy way, the only one there is
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file mode every other file gets (0666 minus the umask):
+    save_file writes through a private temp file and leaves it 0600, unreadable to other users."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def _fsync_file(path: Path) -> None:
@@ -110,11 +144,11 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
     state = dict(train_state, step=step)
     if optimizer_state is not None:
         tensors, meta = flatten_optimizer(optimizer_state)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_safetensors(tensors, tmp / "optimizer.safetensors")
         state["optimizer"] = meta
     (tmp / "train_state.json").write_text(json.dumps(state))
     for name, source in (extra_files or {}).items():
@@ -133,8 +167,8 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / MANIFEST)
     fsync_dir(tmp)
-    if final.exists():  # an uncommitted or corrupt leftover from an interrupted run
-        shutil.rmtree(final)
+    if final.exists():  # a corrupt leftover of this run, superseded (a resume redoes the step)
+        _remove_checkpoint(final)
     os.rename(tmp, final)
     fsync_dir(root)
     prune(root, keep)
@@ -202,24 +236,35 @@ def latest_valid(root: str | Path, at_most: int | None = None,
     return None
 
 
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder tandem wrote; refuse one without a manifest (not tandem's)."""
+    if not (folder / MANIFEST).is_file():
+        raise CheckpointError(f"{folder} is in the way of a checkpoint but was not written by tandem "
+                              f"(no {MANIFEST}); move it out of {folder.parent}")
+    shutil.rmtree(folder)
+
+
 def discard_newer(root: str | Path, step: int) -> None:
     """Delete checkpoints newer than `step` (after a rollback they belong to an abandoned timeline)."""
     for folder in list_checkpoints(root):
-        if int(folder.name[5:]) > step:
+        if int(folder.name[5:]) > step and (folder / MANIFEST).is_file():
             shutil.rmtree(folder, ignore_errors=True)
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` valid checkpoints; drop older ones and stale temp folders."""
+    """Keep the newest `keep` committed checkpoints; drop older ones and temp folders of dead
+    processes. Folders without a manifest are not tandem's and are left alone."""
     kept = 0
     for folder in list_checkpoints(root):
-        if kept < keep and (folder / MANIFEST).is_file():
+        if not (folder / MANIFEST).is_file():
+            continue
+        if kept < keep:
             kept += 1
-        elif kept >= keep:
+        else:
             shutil.rmtree(folder, ignore_errors=True)
     for stale in root.glob(".tmp-step_*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
