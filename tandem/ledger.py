@@ -29,8 +29,9 @@ class Ledger:
     def to_dict(self) -> list[dict]:
         out = []
         for (phase, kind), row in self.rows.items():
-            achieved = row["flops"] / row["seconds"] if row["seconds"] else 0.0
-            out.append({"phase": phase, "device_kind": kind, "device_seconds": round(row["seconds"], 3),
+            seconds = round(row["seconds"], 3)  # rates from the stored value, so a reloaded ledger agrees
+            achieved = row["flops"] / seconds if seconds else 0.0
+            out.append({"phase": phase, "device_kind": kind, "device_seconds": seconds,
                         "tokens": row["tokens"], "flops": row["flops"], "achieved_flops_per_s": achieved,
                         "peak_flops": row["peak_flops"],
                         "utilisation": achieved / row["peak_flops"] if row["peak_flops"] and achieved else None})
