@@ -141,12 +141,11 @@ class Attention(nn.Module):
         if cache is None:  # training / full recompute: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            # Write the new keys/values at their positions, then attend over the used prefix.
+            # Write the new keys/values at their positions, then attend over the slots (masked).
             kc, vc = cache.k[layer], cache.v[layer]
             kc[slots[:, None], :, positions] = k.transpose(1, 2)
             vc[slots[:, None], :, positions] = v.transpose(1, 2)
-            used = mask.shape[-1]
-            kc, vc = kc[slots, :, :used], vc[slots, :, :used]
+            kc, vc = kc[slots], vc[slots]
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
@@ -208,8 +207,9 @@ class Transformer(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=generator) * self.config.initializer_range)
 
-    def _rotary(self, positions: torch.Tensor, dtype):
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def _rotary(self, positions: torch.Tensor, dtype, need: int):
+        """cos, sin at `positions` ([B, 1, T, hd] in `dtype`); `need` bounds the positions from
+        above, known on the host (reading positions.max() would wait for the device)."""
         cached = self._rope_cache
         if cached is None or cached[0].shape[0] < need or cached[0].device != positions.device:
             length = max(need, self.config.max_position_embeddings)
@@ -224,24 +224,27 @@ class Transformer(nn.Module):
         input_ids: [B, T]. Without a cache: a causal forward over positions 0..T-1 (training;
         right padding is harmless because real tokens never attend forward to pads).
         With a cache: positions [B, T] say where each token goes in slot `slots[b]` (default:
-        slot b); each query attends to its own slot's keys at positions <= its own.
+        slot b); each query attends to its own slot's keys at positions <= its own, over the whole
+        slot (later positions masked: the used length would need a device->host read; the engine,
+        which tracks lengths on the host, reads only the used prefix). Positions must be below
+        max(max_position_embeddings, T, the cache's max_len).
         """
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         mask = None
+        need = max(T, cache.max_len if cache is not None else 0)
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if cache is not None:
             if slots is None:
                 slots = torch.arange(B, device=input_ids.device)
-            used = int(positions.max()) + 1
-            key_pos = torch.arange(used, device=input_ids.device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,used]
+            key_pos = torch.arange(cache.max_len, device=input_ids.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,max_len]
         # The tables in the dtype q/k are computed in: autocast's (else q, k would reach attention
         # in fp32 next to a bf16 v), or the weights'.
         kind = x.device.type
         compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        cos, sin = self._rotary(positions, compute)
+        cos, sin = self._rotary(positions, compute, need)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, slots, positions, mask)
         return self.model.norm(x)
