@@ -176,11 +176,13 @@ def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossTerms:
-    loss: torch.Tensor      # scalar, differentiable
-    clip_frac: float        # share of tokens whose ratio was clipped (where the clip changed the value)
-    kl_ref: float           # mean k3 KL to the reference (0 without one)
-    tis_mean: float         # mean truncated importance weight
-    tis_capped: float       # share of tokens whose weight hit the cap
+    """The loss and its statistics, all 0-dim tensors on the loss's device: the trainer sums them
+    over micro-batches there and reads them once per step (a float() each would wait for the device)."""
+    loss: torch.Tensor          # differentiable
+    clip_frac: torch.Tensor     # share of tokens whose ratio was clipped (where the clip changed the value)
+    kl_ref: torch.Tensor        # mean k3 KL to the reference (0 without one)
+    tis_mean: torch.Tensor      # mean truncated importance weight
+    tis_capped: torch.Tensor    # share of tokens whose weight hit the cap
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
@@ -210,8 +212,8 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
     loss = (weights * per_token).sum()
     with torch.no_grad():
         n = max(1, logp.numel())
-        return LossTerms(loss, float((clipped < unclipped).sum()) / n, float(kl.sum()) / n,
-                         float(tis.sum()) / n, float((tis >= tis_cap).sum()) / n if tis_cap else 0.0)
+        capped = (tis >= tis_cap).sum() / n if tis_cap else torch.zeros((), device=logp.device)
+        return LossTerms(loss, (clipped < unclipped).sum() / n, kl.sum() / n, tis.sum() / n, capped)
 
 
 def mismatch(logp_train: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
@@ -686,15 +688,17 @@ class PolicyUpdate:
         self.params = list({id(p): p for p in model.parameters()}.values())
         self.old: list[torch.Tensor] = []   # per micro-batch: logp_old, the policy before this batch's updates
         self.ref: list[torch.Tensor] = []   # per micro-batch: the reference's logprobs (kl_coef > 0)
-        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.sums = torch.zeros(len(self.KEYS))
 
     def accumulate(self) -> float:
         """Fresh gradients of the batch's loss at the current weights (forward and backward over
-        this trainer's rows, then the all-reduce); returns the batch's loss (over the group)."""
+        this trainer's rows, then the all-reduce); returns the batch's loss (over the group). The
+        loss and its stats add up on the device, in fp32 (HCCL has no fp64), and come to the host
+        once."""
         self.model.zero_grad(set_to_none=True)
         device = self.batch.input_ids.device
         total_tokens = max(1, self.batch.logp_rollout.numel())
-        sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        sums = torch.zeros(len(self.KEYS), device=device)
         for c, sub in enumerate(self.subs):
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                 logp = token_logprobs(self.model, sub)
@@ -709,14 +713,13 @@ class PolicyUpdate:
             loss = self.corrupt_loss(terms.loss)
             loss.backward()
             share = logp.numel() / total_tokens  # per-token stats weighted by the micro-batch's share
-            sums += torch.tensor([float(loss.detach()), terms.clip_frac * share, terms.kl_ref * share,
-                                  terms.tis_mean * share, terms.tis_capped * share], dtype=torch.float64)
+            sums += torch.stack([loss.detach().float(), terms.clip_frac * share, terms.kl_ref * share,
+                                 terms.tis_mean * share, terms.tis_capped * share])
         if self.group is not None:
             for p in self.params:
                 if p.grad is None:  # this rank had no sequences (fewer kept than trainers)
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, group=self.group)
-            sums = sums.to(device)
             dist.all_reduce(sums, group=self.group)
         self.sums = sums.cpu()
         return float(self.sums[0])
@@ -728,7 +731,7 @@ class PolicyUpdate:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.r.grad_clip if self.r.grad_clip > 0 else float("inf"))
         if self.group is None:
             return float(norm)
-        norm = norm.double()
+        norm = norm.float()      # fp32: HCCL has no fp64
         dist.all_reduce(norm, group=self.group)
         return float(norm) / dist.get_world_size(self.group)
 
