@@ -25,7 +25,9 @@ Options and where they come from:
 * `kl_coef` (beta): DeepSeekMath's KL penalty to a frozen reference policy (the initial weights),
   estimated per token with Schulman's k3 estimator, exp(ref - new) - (ref - new) - 1 (unbiased,
   always >= 0; Schulman 2020, "Approximating KL divergence"). beta = 0 (DAPO and Dr. GRPO drop the
-  term) loads no reference model at all.
+  term) loads no reference model at all. The reference is kept in the compute dtype (rl.dtype):
+  in bf16 it takes half the memory of fp32 weights; its matmuls run in bf16 under autocast anyway,
+  but its norms and residual stream round to bf16 too, so at step 0 the KL is small, not zero.
 * `loss_norm`: how token losses are averaged. "grpo": mean over each sequence's tokens, then over
   sequences (DeepSeekMath), which weighs a token of a short answer more than one of a long answer;
   "dapo": one mean over every token of the batch (DAPO's token-level loss); "dr_grpo": a sum
@@ -346,7 +348,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     init_fingerprint = weights_fingerprint(model.checkpoint_state())
     reference = None
     if r.kl_coef > 0:  # beta = 0 loads no reference at all
-        reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        reference = copy.deepcopy(model).to(device, amp_dtype).eval().requires_grad_(False)
     del init_weights
     model.to(device).train()
     optimizer = build_optimizer(model, r)
