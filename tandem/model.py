@@ -264,25 +264,43 @@ class Transformer(nn.Module):
             state.pop("lm_head.weight", None)
         return state
 
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], strict: bool = True,
+                              assign: bool = False) -> None:
+        """Copy `state` (checkpoint_state's form) into the parameters; assign: take its tensors AS
+        the parameters instead (their device and dtype; how a model built on `meta` gets weights)."""
         state = dict(state)
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=assign)
+        if self.config.tie_word_embeddings:   # assign wraps the shared tensor in two Parameters
+            self.lm_head.weight = self.model.embed_tokens.weight
         if strict and (missing or unexpected):
             raise KeyError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
+    @classmethod
+    def from_checkpoint_state(cls, config: ModelConfig, state: dict[str, torch.Tensor], device=None,
+                              dtype: torch.dtype | None = None) -> "Transformer":
+        """A model holding `state`, each tensor moved straight to `device` / `dtype` (None: as
+        stored). Built on the meta device: no random init, and no full fp32 copy on the way to a
+        bf16 model on an accelerator. Tensors already there are used as they are, not copied."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_checkpoint_state({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+        return model
 
-def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the weights in a canonical order (name, dtype, shape, raw bytes).
+
+def weights_fingerprint(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
+    """SHA-256 over the weights in a canonical order (name, dtype, shape, raw bytes); `dtype`:
+    of the weights converted to it (one tensor at a time).
 
     Identical for a run's checkpoint, its HF export and a re-import, whatever the file layout.
     """
     import hashlib
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name].detach().cpu()
+        tensor = (tensor if dtype is None else tensor.to(dtype)).contiguous()
         digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

@@ -343,8 +343,7 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     if r.max_prompt_len + r.max_new_tokens > model_config.max_position_embeddings:
         raise ConfigError(f"rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len + r.max_new_tokens} exceeds "
                           f"the model's max_position_embeddings ({model_config.max_position_embeddings}); lower them")
-    model = Transformer(model_config)
-    model.load_checkpoint_state(init_weights)
+    model = Transformer.from_checkpoint_state(model_config, init_weights, dtype=torch.float32)
     init_fingerprint = weights_fingerprint(model.checkpoint_state())
     reference = None
     if r.kl_coef > 0:  # beta = 0 loads no reference at all
