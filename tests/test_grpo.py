@@ -97,6 +97,7 @@ def test_batch_layout_and_mismatch():
     assert batch.advantages.tolist() == [1.0, 1.0, -1.0] and batch.tokens == 8
     second = batch.select([1])
     assert second.lengths == [1] and second.logp_rollout.tolist() == pytest.approx([-0.3])
+    assert second.input_ids.tolist() == [[5, 6, 4]] and second.target_mask.tolist() == [[False, True]]
     gap = mismatch(torch.tensor([-0.1, -0.2, -0.3]), torch.tensor([-0.1, -0.4, -0.2]))
     assert gap["mismatch"] == pytest.approx(0.1) and gap["mismatch_max"] == pytest.approx(0.2)
     assert gap["mismatch_kl"] > 0

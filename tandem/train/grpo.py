@@ -241,6 +241,7 @@ class Batch:
     advantages: torch.Tensor    # [N] each token's sequence advantage
     weights: torch.Tensor       # [N] loss normalisation c_t
     tokens: int                 # real tokens (prompt + completion) in the batch
+    widths: list[int]           # prompt + completion length of each sequence (on the host: no device read)
 
     def select(self, rows: list[int]) -> "Batch":
         """The sub-batch of sequences `rows` (contiguous), flat tensors sliced to match."""
@@ -248,10 +249,11 @@ class Batch:
         for length in self.lengths:
             offsets.append(offsets[-1] + length)
         lo, hi = offsets[rows[0]], offsets[rows[-1] + 1]
-        width = int(self.target_mask[rows].any(0).nonzero().max()) + 2
+        widths = [self.widths[r] for r in rows]
+        width = max(widths)
         return Batch(self.input_ids[rows, :width], self.target_mask[rows, :width - 1],
                      [self.lengths[r] for r in rows], self.logp_rollout[lo:hi], self.advantages[lo:hi],
-                     self.weights[lo:hi], 0)
+                     self.weights[lo:hi], 0, widths)
 
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
@@ -269,7 +271,7 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs
     return Batch(ids.to(device), mask.to(device), lengths,
                  torch.tensor([x for lp in logprobs for x in lp], dtype=torch.float32, device=device),
                  per_token_adv.to(device), token_weights(lengths, loss_norm, max_new_tokens).to(device),
-                 sum(len(r) for r in rows))
+                 sum(len(r) for r in rows), [len(r) for r in rows])
 
 
 def token_logprobs(model: Transformer, batch: Batch) -> torch.Tensor:
