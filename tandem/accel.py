@@ -13,6 +13,7 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     local_device(dev, rank)      the device torchrun's LOCAL_RANK `rank` trains on
     set_deterministic(dev, on)   deterministic kernels (bitwise reproducible runs) or the fast ones
     free_memory(dev)/empty_cache(dev)  bytes left to allocate; return cached blocks to the device
+    optimizer_options(dev)       fused or foreach optimizer kernels, what the device supports
 
 Ascend NPUs come through `torch_npu`, which registers the `npu` device with PyTorch when imported;
 it is optional and imported only when an `npu` device is asked for or auto-detected. PyTorch >= 2.6
@@ -163,6 +164,14 @@ def synchronize(device: torch.device | str) -> None:
             module.synchronize()
         else:
             module.synchronize(device)
+
+
+def optimizer_options(device: torch.device | str) -> dict:
+    """Keyword arguments for a torch.optim optimizer (AdamW) updating parameters on `device`: the
+    fused kernel on CUDA (one launch for every parameter), the foreach path elsewhere (batched ops:
+    the cpu, and torch_npu implements them on Ascend). Both replace the per-tensor loop, whose
+    results they match up to the last bits; each is deterministic."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
 
 
 def set_device(device: torch.device | str) -> None:

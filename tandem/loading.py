@@ -99,12 +99,14 @@ def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LoadedModel:
+    """The model on `device` in `dtype`, its weights loaded straight there (no random init). The
+    fingerprint is of the weights in fp32, whatever `dtype` and the stored dtype (as tandem trains)."""
     config, weights, tokenizer, info = load_weights(path)
     target = accel.resolve_device(device)
     torch_dtype = accel.resolve_dtype(dtype, target)
-    model = Transformer(config)
-    model.load_checkpoint_state(weights)
-    info["fingerprint"] = weights_fingerprint(model.checkpoint_state())
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    model = Transformer.from_checkpoint_state(config, weights, target, torch_dtype).eval()
+    info["fingerprint"] = weights_fingerprint(weights, torch.float32)
     info["parameters"] = config.num_parameters()
-    model = model.to(device=target, dtype=torch_dtype).eval()
     return LoadedModel(model, tokenizer, info)

@@ -141,12 +141,11 @@ class Attention(nn.Module):
         if cache is None:  # training / full recompute: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            # Write the new keys/values at their positions, then attend over the used prefix.
+            # Write the new keys/values at their positions, then attend over the slots (masked).
             kc, vc = cache.k[layer], cache.v[layer]
             kc[slots[:, None], :, positions] = k.transpose(1, 2)
             vc[slots[:, None], :, positions] = v.transpose(1, 2)
-            used = mask.shape[-1]
-            kc, vc = kc[slots, :, :used], vc[slots, :, :used]
+            kc, vc = kc[slots], vc[slots]
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
@@ -208,8 +207,9 @@ class Transformer(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=generator) * self.config.initializer_range)
 
-    def _rotary(self, positions: torch.Tensor, dtype):
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def _rotary(self, positions: torch.Tensor, dtype, need: int):
+        """cos, sin at `positions` ([B, 1, T, hd] in `dtype`); `need` bounds the positions from
+        above, known on the host (reading positions.max() would wait for the device)."""
         cached = self._rope_cache
         if cached is None or cached[0].shape[0] < need or cached[0].device != positions.device:
             length = max(need, self.config.max_position_embeddings)
@@ -224,24 +224,27 @@ class Transformer(nn.Module):
         input_ids: [B, T]. Without a cache: a causal forward over positions 0..T-1 (training;
         right padding is harmless because real tokens never attend forward to pads).
         With a cache: positions [B, T] say where each token goes in slot `slots[b]` (default:
-        slot b); each query attends to its own slot's keys at positions <= its own.
+        slot b); each query attends to its own slot's keys at positions <= its own, over the whole
+        slot (later positions masked: the used length would need a device->host read; the engine,
+        which tracks lengths on the host, reads only the used prefix). Positions must be below
+        max(max_position_embeddings, T, the cache's max_len).
         """
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         mask = None
+        need = max(T, cache.max_len if cache is not None else 0)
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if cache is not None:
             if slots is None:
                 slots = torch.arange(B, device=input_ids.device)
-            used = int(positions.max()) + 1
-            key_pos = torch.arange(used, device=input_ids.device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,used]
+            key_pos = torch.arange(cache.max_len, device=input_ids.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,max_len]
         # The tables in the dtype q/k are computed in: autocast's (else q, k would reach attention
         # in fp32 next to a bf16 v), or the weights'.
         kind = x.device.type
         compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        cos, sin = self._rotary(positions, compute)
+        cos, sin = self._rotary(positions, compute, need)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, slots, positions, mask)
         return self.model.norm(x)
@@ -261,25 +264,43 @@ class Transformer(nn.Module):
             state.pop("lm_head.weight", None)
         return state
 
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], strict: bool = True,
+                              assign: bool = False) -> None:
+        """Copy `state` (checkpoint_state's form) into the parameters; assign: take its tensors AS
+        the parameters instead (their device and dtype; how a model built on `meta` gets weights)."""
         state = dict(state)
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=assign)
+        if self.config.tie_word_embeddings:   # assign wraps the shared tensor in two Parameters
+            self.lm_head.weight = self.model.embed_tokens.weight
         if strict and (missing or unexpected):
             raise KeyError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
+    @classmethod
+    def from_checkpoint_state(cls, config: ModelConfig, state: dict[str, torch.Tensor], device=None,
+                              dtype: torch.dtype | None = None) -> "Transformer":
+        """A model holding `state`, each tensor moved straight to `device` / `dtype` (None: as
+        stored). Built on the meta device: no random init, and no full fp32 copy on the way to a
+        bf16 model on an accelerator. Tensors already there are used as they are, not copied."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_checkpoint_state({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+        return model
 
-def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the weights in a canonical order (name, dtype, shape, raw bytes).
+
+def weights_fingerprint(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
+    """SHA-256 over the weights in a canonical order (name, dtype, shape, raw bytes); `dtype`:
+    of the weights converted to it (one tensor at a time).
 
     Identical for a run's checkpoint, its HF export and a re-import, whatever the file layout.
     """
     import hashlib
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name].detach().cpu()
+        tensor = (tensor if dtype is None else tensor.to(dtype)).contiguous()
         digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

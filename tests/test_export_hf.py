@@ -124,6 +124,9 @@ def test_inspect_of_export_shows_the_runs_fingerprint(smoke_run):
     data = json.loads(result.stdout)
     assert data["kind"] == "hf" and data["step"] is None
     assert data["fingerprint"] == load_model(smoke_run).info["fingerprint"]
+    bf16 = load_model(smoke_run, dtype="bf16")     # the fingerprint is of the weights, not of the load dtype
+    assert bf16.info["fingerprint"] == data["fingerprint"]
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     provenance = json.loads((smoke_run / "export" / "hf" / "tandem_export.json").read_text())
     assert provenance["fingerprint"] == provenance["source_fingerprint"] == data["fingerprint"]
 

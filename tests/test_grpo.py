@@ -97,6 +97,7 @@ def test_batch_layout_and_mismatch():
     assert batch.advantages.tolist() == [1.0, 1.0, -1.0] and batch.tokens == 8
     second = batch.select([1])
     assert second.lengths == [1] and second.logp_rollout.tolist() == pytest.approx([-0.3])
+    assert second.input_ids.tolist() == [[5, 6, 4]] and second.target_mask.tolist() == [[False, True]]
     gap = mismatch(torch.tensor([-0.1, -0.2, -0.3]), torch.tensor([-0.1, -0.4, -0.2]))
     assert gap["mismatch"] == pytest.approx(0.1) and gap["mismatch_max"] == pytest.approx(0.2)
     assert gap["mismatch_kl"] > 0
@@ -209,3 +210,21 @@ def test_rl_starts_from_an_hf_folder(tmp_path, init_model):
     sft = weights_fingerprint(load_checkpoint(latest_valid(init_model / "checkpoints" / "sft"))["model"])
     assert stats["init"] == str(tmp_path / "hf") and stats["init_fingerprint"] == sft
     assert latest_valid(tmp_path / "run" / "checkpoints" / "rl").name == "step_000001"
+
+
+def test_the_kl_reference_is_kept_in_the_compute_dtype(tmp_path, init_model, test_tasks, monkeypatch):
+    """kl_coef > 0 with rl.dtype=bf16: the frozen reference lives in bf16 (half the memory), so its
+    KL to the fp32-master policy is small but not zero at step 1, and finite throughout."""
+    from tandem.train import grpo
+    seen = []
+    build = grpo.PolicyUpdate.__init__
+
+    def spy(self, model, reference, *args, **kwargs):
+        seen.append((model.lm_head.weight.dtype, reference.lm_head.weight.dtype))
+        build(self, model, reference, *args, **kwargs)
+    monkeypatch.setattr(grpo.PolicyUpdate, "__init__", spy)
+    _rl(tmp_path / "run", init_model, ['rl.tasks=["charcount"]', "rollout.workers=0", "rl.steps=2",
+                                       "rl.kl_coef=0.1", "rl.dtype=bf16"])
+    assert seen and all(dtypes == (torch.float32, torch.bfloat16) for dtypes in seen)
+    kl = [m["kl_ref"] for m in read_metrics(tmp_path / "run", "rl")]
+    assert len(kl) == 2 and kl[0] > 0 and all(math.isfinite(x) for x in kl)

@@ -94,3 +94,30 @@ def test_autocast_attention_gets_one_dtype(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.tensor([[1, 2, 3]]))
     assert seen == [(torch.bfloat16,) * 3]
+
+
+def test_weights_load_straight_into_the_target_dtype(monkeypatch):
+    """from_checkpoint_state initialises on the meta device only, then takes the weights in the
+    target dtype: bf16 parameters, the head still tied, the same numbers as a cast fp32 model."""
+    config = tiny_model_config()
+    source = Transformer(config)
+    source.reset_parameters(3)
+    state = source.checkpoint_state()
+    initialised_on = []
+    reset = Transformer.reset_parameters
+
+    def spy(self, seed=None):
+        initialised_on.append(self.lm_head.weight.device.type)
+        reset(self, seed)
+    monkeypatch.setattr(Transformer, "reset_parameters", spy)
+    model = Transformer.from_checkpoint_state(config, state, "cpu", torch.bfloat16)
+    assert initialised_on == ["meta"]
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "cpu")}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    cast = source.to(torch.bfloat16)
+    assert weights_fingerprint(model.checkpoint_state()) == weights_fingerprint(cast.checkpoint_state())
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids), cast(ids))
+    with pytest.raises(KeyError, match="missing"):
+        Transformer.from_checkpoint_state(config, {k: v for k, v in state.items() if "norm" not in k})

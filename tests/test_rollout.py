@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import run_tandem, tiny_model_config
 from tandem.config import load_config
@@ -78,6 +79,18 @@ def test_malformed_rollouts_are_rejected_and_regenerated_elsewhere(tmp_path, cap
     reference.load(0, {k: v.clone() for k, v in model.checkpoint_state().items()})
     expected = reference.run({"version": 0, "requests": requests})["samples"]
     assert [s["tokens"] for s in result.samples] == [s["tokens"] for s in expected]
+
+
+def test_a_generator_applies_run_deterministic():
+    """Rollout workers (and the colocated generator) switch deterministic kernels as the trainers do."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for on in (False, True):
+            cfg = load_config(preset="smoke", overrides=[f"run.deterministic={str(on).lower()}"])
+            Generator(make_spec(cfg, tiny_model_config(), SimpleNamespace(eos_id=1)))
+            assert torch.are_deterministic_algorithms_enabled() is on
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
 
 
 def _worker_pids(rank: int) -> list[int]:

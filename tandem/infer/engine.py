@@ -22,8 +22,9 @@ generation for RL and evals, the HTTP server's streaming loop) goes through the 
 How a step works. Requests beyond `max_batch` wait in a FIFO queue. At each `step()`, waiting
 requests take free slots and are prefilled together (right-padded, one causal forward, keys and
 values written into their slots); the already-running requests advance one token in a single
-batched decode forward; one vectorised sampling pass then picks a token for every row, and the
-engine checks stop tokens / lengths in Python. Finished (or cancelled) requests leave at once and
+batched decode forward; one vectorised sampling pass then picks a token for every row, what the
+step reads back (tokens, logprobs, top logprobs) reaches the host in one copy, and the engine
+checks stop tokens / lengths in Python. Finished (or cancelled) requests leave at once and
 the last running slot moves into the hole, so the running requests always occupy slots 0..n-1
 and attention reads plain views of the cache, never gathered copies.
 
@@ -189,6 +190,25 @@ def _mix_seed(seed: int, counter: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) >> 1
+
+
+def _to_host(tokens: torch.Tensor, lps: torch.Tensor | None, tops) -> tuple:
+    """(tokens, logprobs, top values, top ids) of a step as Python lists (None where absent), in
+    ONE device->host copy: the float32 columns travel bit-cast to int32 next to the ids (exact)."""
+    cols = [tokens.view(-1, 1).int()]
+    if lps is not None:
+        cols.append(lps.view(-1, 1).view(torch.int32))
+    if tops is not None:
+        cols += [tops[0].view(torch.int32), tops[1].int()]
+    host = (torch.cat(cols, 1) if len(cols) > 1 else cols[0]).cpu()
+    lp_list = top_vals = top_ids = None
+    col = 1
+    if lps is not None:
+        lp_list, col = host[:, 1].view(torch.float32).tolist(), 2
+    if tops is not None:
+        n = tops[0].shape[1]
+        top_vals, top_ids = host[:, col:col + n].view(torch.float32).tolist(), host[:, col + n:].tolist()
+    return host[:, 0].tolist(), lp_list, top_vals, top_ids
 
 
 class _Plan:
@@ -458,10 +478,7 @@ class Engine:
             self._last[:total] = tokens
             if n:
                 self._pos[:n] += 1
-            tok_list = tokens.tolist()
-            lp_list = lps.tolist() if lps is not None else None
-            if tops is not None:
-                top_vals, top_ids = tops[0].tolist(), tops[1].tolist()
+            tok_list, lp_list, top_vals, top_ids = _to_host(tokens, lps, tops)
             pos_py, slots = self._pos_py, self._slots
             outputs, finished = [], []
             for i in range(total):
@@ -596,6 +613,8 @@ class Engine:
                 plan.any_topp_only = any(tp and not k for k, tp in zip(ks, topp))
                 plan.filtered = None if all(rows_filtered) else column(rows_filtered)
                 plan.k0 = min(V, max([64] + ks))     # candidates: enough for every row's top-k
+                if plan.any_topp_only and self.device.type != "cpu":
+                    plan.k0 = V     # one sort: growing the candidates waits for the device each round
         return plan
 
     def _sample(self, logits: torch.Tensor, total: int):
@@ -623,9 +642,10 @@ class Engine:
         """Temperature, top-k, top-p, then one inverse-CDF draw per row from its own generator.
 
         top-k/top-p work on the few best candidates (`topk`, not a full-vocabulary sort, which
-        is slow on the cpu), grown until they hold every top-p row's nucleus. They only mask
-        tokens out: the CDF always runs in vocabulary order, so a row's draw does not depend on
-        which other rows share the batch."""
+        is slow on the cpu), grown until they hold every top-p row's nucleus; the check reads the
+        device, so on an accelerator top-p rows sort the whole vocabulary at once instead (k0 = V,
+        no host sync). They only mask tokens out: the CDF always runs in vocabulary order, so a
+        row's draw does not depend on which other rows share the batch."""
         x = logits.float() / plan.temps
         # One host draw per row (no kernel launch each), one copy to the device for the batch.
         u = torch.cat([torch.rand(1, generator=g) for g in plan.gens]).to(self.device, non_blocking=True)

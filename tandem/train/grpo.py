@@ -25,7 +25,9 @@ Options and where they come from:
 * `kl_coef` (beta): DeepSeekMath's KL penalty to a frozen reference policy (the initial weights),
   estimated per token with Schulman's k3 estimator, exp(ref - new) - (ref - new) - 1 (unbiased,
   always >= 0; Schulman 2020, "Approximating KL divergence"). beta = 0 (DAPO and Dr. GRPO drop the
-  term) loads no reference model at all.
+  term) loads no reference model at all. The reference is kept in the compute dtype (rl.dtype):
+  in bf16 it takes half the memory of fp32 weights; its matmuls run in bf16 under autocast anyway,
+  but its norms and residual stream round to bf16 too, so at step 0 the KL is small, not zero.
 * `loss_norm`: how token losses are averaged. "grpo": mean over each sequence's tokens, then over
   sequences (DeepSeekMath), which weighs a token of a short answer more than one of a long answer;
   "dapo": one mean over every token of the batch (DAPO's token-level loss); "dr_grpo": a sum
@@ -177,11 +179,13 @@ def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossTerms:
-    loss: torch.Tensor      # scalar, differentiable
-    clip_frac: float        # share of tokens whose ratio was clipped (where the clip changed the value)
-    kl_ref: float           # mean k3 KL to the reference (0 without one)
-    tis_mean: float         # mean truncated importance weight
-    tis_capped: float       # share of tokens whose weight hit the cap
+    """The loss and its statistics, all 0-dim tensors on the loss's device: the trainer sums them
+    over micro-batches there and reads them once per step (a float() each would wait for the device)."""
+    loss: torch.Tensor          # differentiable
+    clip_frac: torch.Tensor     # share of tokens whose ratio was clipped (where the clip changed the value)
+    kl_ref: torch.Tensor        # mean k3 KL to the reference (0 without one)
+    tis_mean: torch.Tensor      # mean truncated importance weight
+    tis_capped: torch.Tensor    # share of tokens whose weight hit the cap
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
@@ -211,8 +215,8 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
     loss = (weights * per_token).sum()
     with torch.no_grad():
         n = max(1, logp.numel())
-        return LossTerms(loss, float((clipped < unclipped).sum()) / n, float(kl.sum()) / n,
-                         float(tis.sum()) / n, float((tis >= tis_cap).sum()) / n if tis_cap else 0.0)
+        capped = (tis >= tis_cap).sum() / n if tis_cap else torch.zeros((), device=logp.device)
+        return LossTerms(loss, (clipped < unclipped).sum() / n, kl.sum() / n, tis.sum() / n, capped)
 
 
 def mismatch(logp_train: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
@@ -238,6 +242,7 @@ class Batch:
     advantages: torch.Tensor    # [N] each token's sequence advantage
     weights: torch.Tensor       # [N] loss normalisation c_t
     tokens: int                 # real tokens (prompt + completion) in the batch
+    widths: list[int]           # prompt + completion length of each sequence (on the host: no device read)
 
     def select(self, rows: list[int]) -> "Batch":
         """The sub-batch of sequences `rows` (contiguous), flat tensors sliced to match."""
@@ -245,10 +250,11 @@ class Batch:
         for length in self.lengths:
             offsets.append(offsets[-1] + length)
         lo, hi = offsets[rows[0]], offsets[rows[-1] + 1]
-        width = int(self.target_mask[rows].any(0).nonzero().max()) + 2
+        widths = [self.widths[r] for r in rows]
+        width = max(widths)
         return Batch(self.input_ids[rows, :width], self.target_mask[rows, :width - 1],
                      [self.lengths[r] for r in rows], self.logp_rollout[lo:hi], self.advantages[lo:hi],
-                     self.weights[lo:hi], 0)
+                     self.weights[lo:hi], 0, widths)
 
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
@@ -266,7 +272,7 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs
     return Batch(ids.to(device), mask.to(device), lengths,
                  torch.tensor([x for lp in logprobs for x in lp], dtype=torch.float32, device=device),
                  per_token_adv.to(device), token_weights(lengths, loss_norm, max_new_tokens).to(device),
-                 sum(len(r) for r in rows))
+                 sum(len(r) for r in rows), [len(r) for r in rows])
 
 
 def token_logprobs(model: Transformer, batch: Batch) -> torch.Tensor:
@@ -340,12 +346,11 @@ def train_grpo(cfg: Config, run_dir: Path, init: str | Path, progress: bool = Tr
     if r.max_prompt_len + r.max_new_tokens > model_config.max_position_embeddings:
         raise ConfigError(f"rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len + r.max_new_tokens} exceeds "
                           f"the model's max_position_embeddings ({model_config.max_position_embeddings}); lower them")
-    model = Transformer(model_config)
-    model.load_checkpoint_state(init_weights)
+    model = Transformer.from_checkpoint_state(model_config, init_weights, dtype=torch.float32)
     init_fingerprint = weights_fingerprint(model.checkpoint_state())
     reference = None
     if r.kl_coef > 0:  # beta = 0 loads no reference at all
-        reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        reference = copy.deepcopy(model).to(device, amp_dtype).eval().requires_grad_(False)
     del init_weights
     model.to(device).train()
     optimizer = build_optimizer(model, r)
@@ -687,15 +692,17 @@ class PolicyUpdate:
         self.params = list({id(p): p for p in model.parameters()}.values())
         self.old: list[torch.Tensor] = []   # per micro-batch: logp_old, the policy before this batch's updates
         self.ref: list[torch.Tensor] = []   # per micro-batch: the reference's logprobs (kl_coef > 0)
-        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.sums = torch.zeros(len(self.KEYS))
 
     def accumulate(self) -> float:
         """Fresh gradients of the batch's loss at the current weights (forward and backward over
-        this trainer's rows, then the all-reduce); returns the batch's loss (over the group)."""
+        this trainer's rows, then the all-reduce); returns the batch's loss (over the group). The
+        loss and its stats add up on the device, in fp32 (HCCL has no fp64), and come to the host
+        once."""
         self.model.zero_grad(set_to_none=True)
         device = self.batch.input_ids.device
         total_tokens = max(1, self.batch.logp_rollout.numel())
-        sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        sums = torch.zeros(len(self.KEYS), device=device)
         for c, sub in enumerate(self.subs):
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                 logp = token_logprobs(self.model, sub)
@@ -710,14 +717,13 @@ class PolicyUpdate:
             loss = self.corrupt_loss(terms.loss)
             loss.backward()
             share = logp.numel() / total_tokens  # per-token stats weighted by the micro-batch's share
-            sums += torch.tensor([float(loss.detach()), terms.clip_frac * share, terms.kl_ref * share,
-                                  terms.tis_mean * share, terms.tis_capped * share], dtype=torch.float64)
+            sums += torch.stack([loss.detach().float(), terms.clip_frac * share, terms.kl_ref * share,
+                                 terms.tis_mean * share, terms.tis_capped * share])
         if self.group is not None:
             for p in self.params:
                 if p.grad is None:  # this rank had no sequences (fewer kept than trainers)
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, group=self.group)
-            sums = sums.to(device)
             dist.all_reduce(sums, group=self.group)
         self.sums = sums.cpu()
         return float(self.sums[0])
@@ -729,7 +735,7 @@ class PolicyUpdate:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.r.grad_clip if self.r.grad_clip > 0 else float("inf"))
         if self.group is None:
             return float(norm)
-        norm = norm.double()
+        norm = norm.float()      # fp32: HCCL has no fp64
         dist.all_reduce(norm, group=self.group)
         return float(norm) / dist.get_world_size(self.group)
 

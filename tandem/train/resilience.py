@@ -733,7 +733,7 @@ class RankCorruptionDetector(CorruptionDetector):
             self._broadcast(params + state, good)
 
     def copy_result(self, models: list, losses: list[float], good: int, bad: list[int]) -> None:
-        if bad:
-            loss = torch.tensor([losses[0]], dtype=torch.float64)
-            self._broadcast([p.grad for p in models[0].parameters()] + [loss], good)
-            losses[0] = float(loss)
+        if bad:   # the loss travels as its float64 bits in an int64 (HCCL has no fp64): exact
+            bits = torch.tensor([losses[0]], dtype=torch.float64).view(torch.int64)
+            self._broadcast([p.grad for p in models[0].parameters()] + [bits], good)
+            losses[0] = float(bits.view(torch.float64))

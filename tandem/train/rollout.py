@@ -201,7 +201,8 @@ def make_spec(cfg, model_config: ModelConfig, tokenizer) -> dict:
     """Everything a worker needs to build its engine and sample, as JSON."""
     r, w = cfg.rl, cfg.rollout
     return {"model": model_config.to_dict(), "device": cfg.device_for("rollout"), "dtype": w.dtype,
-            "threads": w.threads, "max_batch": w.max_batch, "max_len": r.max_prompt_len + r.max_new_tokens,
+            "deterministic": cfg.run.deterministic, "threads": w.threads, "max_batch": w.max_batch,
+            "max_len": r.max_prompt_len + r.max_new_tokens,
             "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
             "eos_id": tokenizer.eos_id, "vocab_size": model_config.vocab_size}
 
@@ -213,6 +214,7 @@ class Generator:
         from tandem.infer.engine import Engine
         self.spec = spec
         self.device = accel.resolve_device(spec["device"])
+        accel.set_deterministic(self.device, spec["deterministic"])   # run.deterministic, as the trainers
         self.dtype = accel.resolve_dtype(spec["dtype"], self.device)
         self.kind = accel.device_kind(self.device)
         self.model = Transformer(ModelConfig.from_dict(spec["model"])).to(self.device, self.dtype).eval()

@@ -101,22 +101,24 @@ def forward_backward(model: Transformer, micro: list[Batch], amp_dtype, n_target
                      corrupt_loss=lambda loss: loss) -> float:
     """Accumulate the gradients of the step's mean assistant-token loss over its micro-batches;
     returns the loss. corrupt_loss is the fault injector's hook (identity otherwise)."""
-    loss_total = 0.0
+    loss_total = torch.zeros((), device=micro[0].input_ids.device)
     for batch in micro:
         with torch.autocast(batch.input_ids.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             loss = corrupt_loss(assistant_loss_sum(model, batch) / n_targets)
         loss.backward()
-        loss_total += float(loss.detach())
-    return loss_total
+        loss_total += loss.detach()     # on the device: read once, not once per micro-batch
+    return float(loss_total)
 
 
 def build_optimizer(model: Transformer, cfg) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and biases (1-D tensors)."""
-    params = {id(p): p for p in model.parameters()}.values()
+    """AdamW; no weight decay on norms and biases (1-D tensors); fused or foreach kernels, as the
+    model's device supports (accel.optimizer_options): build it after moving the model."""
+    params = list({id(p): p for p in model.parameters()}.values())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             **accel.optimizer_options(params[0].device))
 
 
 def new_model(cfg: Config, vocab_size: int, device, seed: int) -> Transformer:
