@@ -40,7 +40,8 @@ def _tiny_model():
     really quantises every matrix (q8_0 stores other rows as f16)."""
     from tandem.model import ModelConfig, Transformer
     from tandem.tokenizer import train_tokenizer
-    tokenizer = train_tokenizer(["12+34=46", "probe"], 300)
+    # a corpus with repeated pairs, so the BPE has merges: llama.cpp refuses a vocabulary without any
+    tokenizer = train_tokenizer([f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)], 300)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=4 * PROBE_TOKENS)
