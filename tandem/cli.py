@@ -27,7 +27,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tandem import cli_resilience, cli_rl, cli_serve  # noqa: E402
+from tandem import cli_chat, cli_resilience, cli_rl, cli_serve  # noqa: E402
 from tandem.cli_portability import COMMANDS as PORTABILITY_COMMANDS  # noqa: E402
 from tandem.cli_portability import add_backend_arg, open_for_command  # noqa: E402
 from tandem.cli_portability import add_subcommands as add_portability_subcommands  # noqa: E402
@@ -50,8 +50,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32|bf16|fp16 (default fp32)")
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"reply length limit (default {cli_chat.DEFAULT_NEW_TOKENS}, cut to the room "
+                             f"the prompt leaves in the model's context)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in the terminal (thinking shown dimmed)")
     _add_model_args(p)
     _add_sampling_args(p)
+    p.add_argument("--multi-turn", action="store_true",
+                   help="send the whole conversation (default: each message on its own, as tandem's "
+                        "single-turn tasks train the model)")
 
     cli_serve.add_parser(sub)
 
@@ -170,9 +175,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _sampling(args, eos_id: int):
+def _sampling(args, eos_id: int, max_new_tokens: int):
     from tandem.infer.engine import SamplingParams
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_token_ids=(eos_id,))
 
 
@@ -186,7 +191,8 @@ def cmd_generate(args) -> int:
         loaded = load_model(args.model, args.device, args.dtype)
         engine, tok = Engine(loaded.model, max_batch=1), loaded.tokenizer
     prompt = tok.encode_prompt([{"role": "user", "content": args.prompt}])
-    generation = engine.generate([prompt], _sampling(args, tok.eos_id))[0]
+    max_new = cli_chat.fit_new_tokens(args.max_new_tokens, len(prompt), engine.max_len)
+    generation = engine.generate([prompt], _sampling(args, tok.eos_id, max_new))[0]
     text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
     parsed = parse_reasoning(text)
     if args.json:
@@ -196,37 +202,6 @@ def cmd_generate(args) -> int:
     else:
         print(text)
     return 0
-
-
-def cmd_chat(args) -> int:
-    from tandem.infer.engine import Engine
-    from tandem.loading import load_model
-    from tandem.reasoning import parse_reasoning
-    loaded = load_model(args.model, args.device, args.dtype)
-    tok, engine = loaded.tokenizer, Engine(loaded.model, max_batch=1)
-    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
-    history: list[dict] = []
-    print("tandem chat — empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if not line:
-            return 0
-        if line == "/reset":
-            history = []
-            continue
-        history.append({"role": "user", "content": line})
-        prompt = tok.encode_prompt(history)
-        generation = engine.generate([prompt], _sampling(args, tok.eos_id))[0]
-        text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
-        parsed = parse_reasoning(text)
-        if parsed.thinking:
-            print(f"{dim}thinking: {parsed.thinking}{reset}")
-        print(f"tandem> {parsed.answer if parsed.answer is not None else text}")
-        history.append({"role": "assistant", "content": text})
 
 
 def cmd_inspect(args) -> int:
@@ -281,7 +256,7 @@ def cmd_doctor(args) -> int:
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate,
-            "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
+            "chat": cli_chat.cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
 COMMANDS["serve"] = cli_serve.cmd_serve
 COMMANDS["rl"] = cli_rl.cmd_rl
 COMMANDS["chaos"] = cli_resilience.cmd_chaos
