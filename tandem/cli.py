@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy on a task's held-out split")
     _add_model_args(p)
     p.add_argument("--task", action="append", help="task name or .jsonl (default: the run's tasks)")
-    p.add_argument("--n", type=int, default=200, help="held-out examples per task")
+    p.add_argument("--n", type=int, default=200,
+                   help="examples per task, from its held-out split (a .jsonl file holds out its last ~10%% "
+                        "of rows; fewer than asked prints a note)")
+    p.add_argument("--split", choices=("test", "all"), default="test",
+                   help="test: the held-out split (default); all: every row of a .jsonl task, training rows too")
     p.add_argument("--pass-k", type=int, default=0, help="also report sampled pass@k")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -132,18 +136,15 @@ def cmd_sft(args) -> int:
 
 
 def _eval_tasks(model_path: str, names: list[str] | None):
-    """Tasks to evaluate, with the parameters the run was trained with (its config.json), so
-    `tandem eval` scores the same held-out split as the pipeline. Default: the run's tasks."""
+    """Tasks to evaluate, with the parameters the model was trained with (its run's config.json, or
+    an export's tandem_export.json), so `tandem eval` scores the same held-out split as the
+    pipeline. Default: the model's tasks (addition for a model tandem did not train)."""
     from pathlib import Path
+    from tandem.parity import run_config
     from tandem.tasks import get_task
-    trained, params = ["addition"], {}
-    for candidate in (Path(model_path), *Path(model_path).parents):
-        config = candidate / "config.json"
-        if config.is_file() and (candidate / "checkpoints").is_dir():
-            data = json.loads(config.read_text())["data"]
-            trained, params = data["tasks"], data.get("task_params", {})
-            break
-    return [get_task(name, **params.get(name, {})) for name in (names or trained)]
+    data = (run_config(Path(model_path)) or {}).get("data", {})
+    params = data.get("task_params", {})
+    return [get_task(name, **params.get(name, {})) for name in (names or data.get("tasks") or ["addition"])]
 
 
 def cmd_eval(args) -> int:
@@ -162,7 +163,9 @@ def cmd_eval(args) -> int:
     for task in tasks:
         result = evaluate_task(engine, tokenizer, task, n=args.n, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, pass_k=args.pass_k,
-                               temperature=args.temperature, progress=not args.json)
+                               temperature=args.temperature, progress=not args.json, split=args.split)
+        if result["n"] < args.n:
+            print(f"note: {_shortfall(task, args.split, args.n)}", file=sys.stderr)
         result.pop("samples")
         result["model"] = info["path"]
         results.append(result)
@@ -173,6 +176,19 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
     return 0
+
+
+def _shortfall(task, split: str, asked: int) -> str:
+    """Why eval scores fewer examples than --n asked for."""
+    from tandem.tasks import JsonlTask
+    if split == "all":
+        return f"{task.name} has {len(task.rows)} rows, so n={len(task.rows)}, not {asked}"
+    have = task.held_out_size()
+    if isinstance(task, JsonlTask):
+        return (f"{task.name}: scored its held-out split, the last {have} of {len(task.rows)} rows "
+                f"(test_fraction {task.params['test_fraction']}), so n={have}, not {asked}; "
+                f"--split all scores every row")
+    return f"{task.name} with {task.params} holds out only {have} problems, so n={have}, not {asked}"
 
 
 def _sampling(args, eos_id: int, max_new_tokens: int):
