@@ -73,21 +73,23 @@ class ChatSession:
                     "(--multi-turn keeps the conversation)")
         return f"tandem chat, {mode}\n{HELP}"
 
-    def _prompt(self) -> list[int]:
-        """The prompt for the last user message; in multi-turn mode the oldest turns are dropped
-        until a reply of --max-new-tokens (default: half the context) fits after it."""
+    def _prompt(self) -> tuple[list[int], str]:
+        """(prompt, what it holds) for the last user message. In multi-turn mode the oldest turns
+        are dropped until a reply of --max-new-tokens (default: half the context) fits after it;
+        not when the message alone is too long (that is an error, and the conversation stays)."""
         max_len = self.engine.max_len
         want = self.args.max_new_tokens or min(DEFAULT_NEW_TOKENS, max_len // 2)
-        dropped = 0
-        prompt = self.tok.encode_prompt(self.history)
-        while len(prompt) + want > max_len and len(self.history) > 1:
-            del self.history[:2]             # the oldest user message and its reply
-            dropped += 1
-            prompt = self.tok.encode_prompt(self.history)
-        if dropped:
+        kept = self.history
+        prompt = self.tok.encode_prompt(kept)
+        while len(prompt) + want > max_len and len(kept) > 1:
+            kept = kept[2:]                  # without the oldest user message and its reply
+            prompt = self.tok.encode_prompt(kept)
+        dropped = (len(self.history) - len(kept)) // 2
+        if dropped and len(prompt) < max_len:
+            self.history = kept
             print(f"(dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to fit the "
                   f"{max_len}-token context)")
-        return prompt
+        return prompt, "the message" if len(kept) == 1 else "the conversation"
 
     def turn(self, line: str) -> None:
         """Answer one message (prints the reply, or an error line; the session goes on). Ctrl-C
@@ -106,9 +108,8 @@ class ChatSession:
             self.history = []
         self.history.append({"role": "user", "content": line})
         try:
-            prompt = self._prompt()
-            max_new = fit_new_tokens(self.args.max_new_tokens, len(prompt), self.engine.max_len,
-                                     "the conversation" if len(self.history) > 1 else "the message")
+            prompt, what = self._prompt()
+            max_new = fit_new_tokens(self.args.max_new_tokens, len(prompt), self.engine.max_len, what)
             params = SamplingParams(max_new_tokens=max_new, temperature=self.args.temperature,
                                     top_k=self.args.top_k, top_p=self.args.top_p, seed=self.args.seed,
                                     stop_token_ids=(self.tok.eos_id,), logprobs=False)
