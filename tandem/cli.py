@@ -3,9 +3,9 @@
     tandem pipeline --preset tiny --out runs/demo     SFT -> eval -> GRPO -> eval -> export + gate -> report
     tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
     tandem rl       --init runs/s --out runs/r        GRPO with rollout workers (tandem/cli_rl.py)
-    tandem eval     --model runs/demo [--task addition] [--json]
+    tandem eval     --model runs/demo [--task addition] [--split test|all] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
-    tandem chat     --model runs/demo                 terminal chat, thinking shown dimmed
+    tandem chat     --model runs/demo [--multi-turn]  terminal chat, thinking shown dimmed (tandem/cli_chat.py)
     tandem serve    --model runs/demo                 OpenAI-compatible server + web chat on :8000
     tandem inspect  runs/demo [--json]                step, config, parameters, weight fingerprint
     tandem doctor                                     devices, dtypes, backends, versions

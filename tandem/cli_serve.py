@@ -4,7 +4,8 @@
     tandem serve --model runs/demo --backend torch:cpu:bf16 --port 9000 --max-batch 64
 
 The port is bound before anything is announced (a taken port is one `error:` line, exit 2) and
-opens at once; the model loads in the background (endpoints answer 503 until it is ready). Ctrl-C stops accepting connections, lets in-flight requests finish for up to
+opens at once; the model loads in the background (endpoints answer 503 until it is ready).
+Ctrl-C stops accepting connections, lets in-flight requests finish for up to
 --shutdown-timeout seconds, then ends the rest. See tandem/infer/server.py for the API.
 """
 

@@ -19,6 +19,7 @@ import termios
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT
 from tandem.model import ModelConfig, Transformer
@@ -37,7 +38,7 @@ def _save_model(root, context: int) -> str:
                          tie_word_embeddings=False)
     model = Transformer(config)
     model.reset_parameters(seed=0)
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         model.lm_head.weight[tok.eos_id] = 0   # its logit is 0: below the largest of the others
     tok.save(root / "tokenizer")
     files = {name: root / "tokenizer" / name for name in ("tokenizer.json", "tokenizer_config.json")}
