@@ -19,12 +19,14 @@ readline when stdin is a terminal. A mistake (a message too long for the context
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 
 from tandem.errors import TandemError
 
 DEFAULT_NEW_TOKENS = 256
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")   # never sent to the terminal: a model can emit them
 HELP = ("/help this list, /reset forget the conversation, /exit leave (or Ctrl-D); "
         "Ctrl-C stops a reply or clears the line")
 
@@ -118,7 +120,7 @@ class ChatSession:
             self.history.pop()
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return
-        text = self.tok.decode([t for t in generation.token_ids if t != self.tok.eos_id])
+        text = _CONTROL.sub("\ufffd", self.tok.decode([t for t in generation.token_ids if t != self.tok.eos_id]))
         if generation.finish_reason == "cancelled":
             self.history.pop()               # an unfinished turn is not part of the conversation
             print(f"{self.dim}{text}{self.plain}\n(reply stopped)", flush=True)
