@@ -4,9 +4,9 @@
     tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
     tandem sft      --preset smoke --init runs/s --out runs/s2 --set sft.steps=400   train runs/s longer
     tandem rl       --init runs/s --out runs/r        GRPO with rollout workers (tandem/cli_rl.py)
-    tandem eval     --model runs/demo [--task addition] [--json]
+    tandem eval     --model runs/demo [--task addition] [--split test|all] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
-    tandem chat     --model runs/demo                 terminal chat, thinking shown dimmed
+    tandem chat     --model runs/demo [--multi-turn]  terminal chat, thinking shown dimmed (tandem/cli_chat.py)
     tandem serve    --model runs/demo                 OpenAI-compatible server + web chat on :8000
     tandem inspect  runs/demo [--json]                step, config, parameters, weight fingerprint
     tandem doctor                                     devices, dtypes, backends, versions
@@ -29,7 +29,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tandem import cli_resilience, cli_rl, cli_serve  # noqa: E402
+from tandem import cli_chat, cli_resilience, cli_rl, cli_serve  # noqa: E402
 from tandem.cli_portability import COMMANDS as PORTABILITY_COMMANDS  # noqa: E402
 from tandem.cli_portability import add_backend_arg, open_for_command  # noqa: E402
 from tandem.cli_portability import add_subcommands as add_portability_subcommands  # noqa: E402
@@ -52,8 +52,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32|bf16|fp16 (default fp32)")
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"reply length limit (default {cli_chat.DEFAULT_NEW_TOKENS}, cut to the room "
+                             f"the prompt leaves in the model's context)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -77,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy on a task's held-out split")
     _add_model_args(p)
     p.add_argument("--task", action="append", help="task name or .jsonl (default: the run's tasks)")
-    p.add_argument("--n", type=int, default=200, help="held-out examples per task")
+    p.add_argument("--n", type=int, default=200,
+                   help="examples per task, from its held-out split (a .jsonl file holds out its last ~10%% "
+                        "of rows; fewer than asked prints a note)")
+    p.add_argument("--split", choices=("test", "all"), default="test",
+                   help="test: the held-out split (default); all: every row of a .jsonl task, training rows too")
     p.add_argument("--pass-k", type=int, default=0, help="also report sampled pass@k")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in the terminal (thinking shown dimmed)")
     _add_model_args(p)
     _add_sampling_args(p)
+    p.add_argument("--multi-turn", action="store_true",
+                   help="send the whole conversation (default: each message on its own, as tandem's "
+                        "single-turn tasks train the model)")
 
     cli_serve.add_parser(sub)
 
@@ -136,18 +145,15 @@ def cmd_sft(args) -> int:
 
 
 def _eval_tasks(model_path: str, names: list[str] | None):
-    """Tasks to evaluate, with the parameters the run was trained with (its config.json), so
-    `tandem eval` scores the same held-out split as the pipeline. Default: the run's tasks."""
+    """Tasks to evaluate, with the parameters the model was trained with (its run's config.json, or
+    an export's tandem_export.json), so `tandem eval` scores the same held-out split as the
+    pipeline. Default: the model's tasks (addition for a model tandem did not train)."""
     from pathlib import Path
+    from tandem.parity import run_config
     from tandem.tasks import get_task
-    trained, params = ["addition"], {}
-    for candidate in (Path(model_path), *Path(model_path).parents):
-        config = candidate / "config.json"
-        if config.is_file() and (candidate / "checkpoints").is_dir():
-            data = json.loads(config.read_text())["data"]
-            trained, params = data["tasks"], data.get("task_params", {})
-            break
-    return [get_task(name, **params.get(name, {})) for name in (names or trained)]
+    data = (run_config(Path(model_path)) or {}).get("data", {})
+    params = data.get("task_params", {})
+    return [get_task(name, **params.get(name, {})) for name in (names or data.get("tasks") or ["addition"])]
 
 
 def cmd_eval(args) -> int:
@@ -166,7 +172,9 @@ def cmd_eval(args) -> int:
     for task in tasks:
         result = evaluate_task(engine, tokenizer, task, n=args.n, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, pass_k=args.pass_k,
-                               temperature=args.temperature, progress=not args.json)
+                               temperature=args.temperature, progress=not args.json, split=args.split)
+        if result["n"] < args.n:
+            print(f"note: {_shortfall(task, args.split, args.n)}", file=sys.stderr)
         result.pop("samples")
         result["model"] = info["path"]
         results.append(result)
@@ -179,9 +187,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _sampling(args, eos_id: int):
+def _shortfall(task, split: str, asked: int) -> str:
+    """Why eval scores fewer examples than --n asked for."""
+    from tandem.tasks import JsonlTask
+    if split == "all":
+        return f"{task.name} has {len(task.rows)} rows, so n={len(task.rows)}, not {asked}"
+    have = task.held_out_size()
+    if isinstance(task, JsonlTask):
+        return (f"{task.name}: scored its held-out split, the last {have} of {len(task.rows)} rows "
+                f"(test_fraction {task.params['test_fraction']}), so n={have}, not {asked}; "
+                f"--split all scores every row")
+    return f"{task.name} with {task.params} holds out only {have} problems, so n={have}, not {asked}"
+
+
+def _sampling(args, eos_id: int, max_new_tokens: int):
     from tandem.infer.engine import SamplingParams
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_token_ids=(eos_id,))
 
 
@@ -195,7 +216,8 @@ def cmd_generate(args) -> int:
         loaded = load_model(args.model, args.device, args.dtype)
         engine, tok = Engine(loaded.model, max_batch=1), loaded.tokenizer
     prompt = tok.encode_prompt([{"role": "user", "content": args.prompt}])
-    generation = engine.generate([prompt], _sampling(args, tok.eos_id))[0]
+    max_new = cli_chat.fit_new_tokens(args.max_new_tokens, len(prompt), engine.max_len)
+    generation = engine.generate([prompt], _sampling(args, tok.eos_id, max_new))[0]
     text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
     parsed = parse_reasoning(text)
     if args.json:
@@ -205,37 +227,6 @@ def cmd_generate(args) -> int:
     else:
         print(text)
     return 0
-
-
-def cmd_chat(args) -> int:
-    from tandem.infer.engine import Engine
-    from tandem.loading import load_model
-    from tandem.reasoning import parse_reasoning
-    loaded = load_model(args.model, args.device, args.dtype)
-    tok, engine = loaded.tokenizer, Engine(loaded.model, max_batch=1)
-    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
-    history: list[dict] = []
-    print("tandem chat — empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if not line:
-            return 0
-        if line == "/reset":
-            history = []
-            continue
-        history.append({"role": "user", "content": line})
-        prompt = tok.encode_prompt(history)
-        generation = engine.generate([prompt], _sampling(args, tok.eos_id))[0]
-        text = tok.decode([t for t in generation.token_ids if t != tok.eos_id])
-        parsed = parse_reasoning(text)
-        if parsed.thinking:
-            print(f"{dim}thinking: {parsed.thinking}{reset}")
-        print(f"tandem> {parsed.answer if parsed.answer is not None else text}")
-        history.append({"role": "assistant", "content": text})
 
 
 def cmd_inspect(args) -> int:
@@ -293,7 +284,7 @@ def cmd_doctor(args) -> int:
 
 
 COMMANDS = {"pipeline": cmd_pipeline, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate,
-            "chat": cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
+            "chat": cli_chat.cmd_chat, "inspect": cmd_inspect, "doctor": cmd_doctor, **PORTABILITY_COMMANDS}
 COMMANDS["serve"] = cli_serve.cmd_serve
 COMMANDS["rl"] = cli_rl.cmd_rl
 COMMANDS["chaos"] = cli_resilience.cmd_chaos

@@ -3,15 +3,19 @@
     tandem serve --model runs/demo                           # http://127.0.0.1:8000/ (chat page)
     tandem serve --model runs/demo --backend torch:cpu:bf16 --port 9000 --max-batch 64
 
-The port opens at once; the model loads in the background (endpoints answer 503 until it is
-ready). Ctrl-C stops accepting connections, lets in-flight requests finish for up to
---shutdown-timeout seconds, then ends the rest with a 503 (an error event on a stream). See tandem/infer/server.py for the API.
+The port is bound before anything is announced (a taken port is one `error:` line, exit 2) and
+opens at once; the model loads in the background (endpoints answer 503 until it is ready).
+Ctrl-C stops accepting connections, lets in-flight requests finish for up to
+--shutdown-timeout seconds, then ends the rest with a 503 (an error event on a stream). See
+tandem/infer/server.py for the API.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 from pathlib import Path
 
 from tandem.errors import TandemError
@@ -48,11 +52,29 @@ def _device_dtype(args) -> tuple[str, str]:
     return spec.device, spec.dtype
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (as uvicorn binds it), or TandemError saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, UnicodeError) as exc:
+        sock.close()
+        why = getattr(exc, "strerror", None) or str(exc)
+        hint = ("another program listens there; pick another --port" if getattr(exc, "errno", None) == errno.EADDRINUSE
+                else "check --host and --port")
+        raise TandemError(f"cannot listen on {host}:{port}: {why}; {hint}") from None
+    return sock
+
+
 def cmd_serve(args) -> int:
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--port", args.port, 0), ("--max-body-bytes", args.max_body_bytes, 1)):
+                             ("--max-body-bytes", args.max_body_bytes, 1)):
         if value < low:
             raise TandemError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise TandemError(f"--port must be between 0 and 65535, got {args.port}")
     model = Path(args.model)
     if not model.exists():
         raise TandemError(f"model path not found: {model}")
@@ -82,10 +104,12 @@ def cmd_serve(args) -> int:
 
     app = create_app(lambda: load_model(model, device, dtype), config, on_load_error)
     server = uvicorn_server(app, args.shutdown_timeout, host=args.host, port=args.port, log_level="warning")
-    print(f"serving {name} on http://{args.host}:{args.port}/ (OpenAI API under /v1; loading the model...)",
+    sock = _bind(args.host, args.port)
+    port = sock.getsockname()[1]                 # the one the system picked for --port 0
+    print(f"serving {name} on http://{args.host}:{port}/ (OpenAI API under /v1; loading the model...)",
           flush=True)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:        # uvicorn re-raises Ctrl-C once it has shut down gracefully
         pass
     if failed:

@@ -1,6 +1,7 @@
 """Evaluation on a task's held-out split.
 
     python -m tandem.cli eval --model runs/demo --task addition --json
+    python -m tandem.cli eval --model runs/demo --task mine.jsonl --split all   # every row of the file
 
 Greedy pass@1 accuracy, the format-compliance rate (`<think>` then `<answer>`), average completion
 length in tokens, and (with pass_k > 0) sampled pass@k with the unbiased estimator of
@@ -10,9 +11,10 @@ per problem (so pass@k here is "any of k samples is right").
 
 from __future__ import annotations
 
+from tandem.errors import TandemError
 from tandem.infer.engine import Engine, SamplingParams
 from tandem.progress import Progress
-from tandem.tasks import Task
+from tandem.tasks import Example, JsonlTask, Task
 from tandem.tokenizer import ChatTokenizer
 
 
@@ -30,12 +32,25 @@ def _generate_texts(engine: Engine, tokenizer: ChatTokenizer, examples, params, 
     return outputs
 
 
+def eval_examples(task: Task, n: int, split: str = "test") -> list[Example]:
+    """What evaluate_task scores: the first n examples of the task's held-out split, or with
+    split "all" the first n rows of a .jsonl file, the rows it trains on included."""
+    if split == "test":
+        return task.test_set(n)
+    if split != "all":
+        raise TandemError(f"unknown split '{split}'; use test or all")
+    if not isinstance(task, JsonlTask):
+        raise TandemError(f"--split all scores every row of a .jsonl file; '{task.name}' is generated, "
+                          f"so only its held-out split can be scored (--split test)")
+    return task.rows[:max(0, n)]
+
+
 def evaluate_task(engine: Engine, tokenizer: ChatTokenizer, task: Task, n: int = 200,
                   batch_size: int = 64, max_new_tokens: int = 128, pass_k: int = 0,
                   temperature: float = 0.8, seed: int = 0, keep_samples: int = 4,
-                  progress: bool = False) -> dict:
-    """{"task", "n", "accuracy", "format_rate", "avg_tokens", ["pass@k"], "samples"}."""
-    examples = task.test_set(n)
+                  progress: bool = False, split: str = "test") -> dict:
+    """{"task", "split", "n", "accuracy", "format_rate", "avg_tokens", ["pass@k"], "samples"}."""
+    examples = eval_examples(task, n, split)
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                             stop_token_ids=(tokenizer.eos_id,), logprobs=False)
     bar = Progress(len(examples), f"eval {task.name}", every=max(1, len(examples) // 4), enabled=progress)
@@ -43,7 +58,7 @@ def evaluate_task(engine: Engine, tokenizer: ChatTokenizer, task: Task, n: int =
     bar.close()
     rewards = [task.reward(text, example) for (text, _), example in zip(outputs, examples)]
     result = {
-        "task": task.name, "n": len(examples),
+        "task": task.name, "split": split, "n": len(examples),
         "accuracy": sum(r.correct for r in rewards) / len(examples),
         "format_rate": sum(r.format_ok for r in rewards) / len(examples),
         "avg_tokens": sum(length for _, length in outputs) / len(examples),

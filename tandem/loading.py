@@ -94,6 +94,11 @@ def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         return import_hf(path)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         raise ModelError(f"run {path} has no committed checkpoint yet; train it first (tandem sft --out {path})")
+    from tandem.export.gguf import is_gguf
+    if is_gguf(path):
+        raise ModelError(f"{path} is a GGUF model, which tandem runs only through llama.cpp: --backend llamacpp "
+                         f"(eval, generate, parity) or llama.cpp's own server (llama-server -m FILE.gguf --jinja); "
+                         f"tandem serve takes the run or HF export it came from")
     raise ModelError(f"{path} is not a tandem run, checkpoint or HF model folder "
                      "(expected config.json + checkpoints/, manifest.json, or an HF config.json)")
 

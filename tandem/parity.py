@@ -120,12 +120,14 @@ def parse_thresholds(items: list[str] | dict | None) -> dict:
 # Which task and settings a model implies
 
 
-def _run_config(path: Path) -> dict | None:
+def run_config(path: Path) -> dict | None:
+    """The config of the run `path` belongs to, or the tasks (and eval length) an export remembers
+    in its tandem_export.json; None for a model tandem did not train."""
     for candidate in (path, *path.parents):
         config = candidate / "config.json"
         if config.is_file() and (candidate / "checkpoints").is_dir():
             return json.loads(config.read_text())
-    provenance = path / "tandem_export.json"
+    provenance = (path if path.is_dir() else path.parent) / "tandem_export.json"   # a folder or its .gguf
     if provenance.is_file():
         data = json.loads(provenance.read_text())
         if data.get("tasks"):
@@ -140,14 +142,14 @@ def resolve_task(model_path, name: str | None = None):
     """The Task to test on: `name` (params from the run's config if it has them), else the run's
     first task, else addition."""
     from tandem.tasks import get_task
-    config = _run_config(Path(model_path)) or {}
+    config = run_config(Path(model_path)) or {}
     data = config.get("data", {})
     name = name or (data.get("tasks") or ["addition"])[0]
     return get_task(name, **data.get("task_params", {}).get(name, {}))
 
 
 def default_max_new_tokens(model_path) -> int:
-    config = _run_config(Path(model_path)) or {}
+    config = run_config(Path(model_path)) or {}
     return int(config.get("eval", {}).get("max_new_tokens", 128))
 
 

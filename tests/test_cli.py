@@ -1,6 +1,7 @@
 """The real `tandem` command in subprocesses: the smoke pipeline end to end, and bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -105,3 +106,44 @@ def test_rerun_of_a_finished_run_resumes_and_changes_nothing(smoke_run):
     result = run_tandem("sft", "--preset", "smoke", "--out", smoke_run, "--quiet")
     assert result.returncode == 0, result.stderr
     assert load_model(smoke_run).info["fingerprint"] == before
+
+
+def test_generate_fits_its_reply_into_the_context(smoke_run):
+    # the default reply length (256) is more than the smoke model's whole context (160): it is cut to fit
+    assert run_tandem("generate", "--model", smoke_run, "--prompt", "What is 12 + 7?").returncode == 0
+    too_long = run_tandem("generate", "--model", smoke_run, "--prompt", "What is 12 + 7?", "--max-new-tokens", "500")
+    assert too_long.returncode == 2 and too_long.stderr.count("\n") == 1, too_long.stderr
+    most = int(re.search(r"lower --max-new-tokens to at most (\d+)$", too_long.stderr.strip()).group(1))
+    fits = run_tandem("generate", "--model", smoke_run, "--prompt", "What is 12 + 7?", "--max-new-tokens", most,
+                      "--json")
+    assert fits.returncode == 0, fits.stderr
+    over = run_tandem("generate", "--model", smoke_run, "--prompt", "What is 12 + 7?", "--max-new-tokens", most + 1)
+    assert over.returncode == 2 and f"at most {most}" in over.stderr
+
+
+def test_eval_says_why_it_scores_fewer_than_asked(smoke_run, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(20)))
+    common = ("eval", "--model", smoke_run, "--task", rows, "--n", "200", "--max-new-tokens", "4", "--json")
+    held_out = run_tandem(*common)
+    assert held_out.returncode == 0, held_out.stderr
+    assert json.loads(held_out.stdout)["n"] == 2 and json.loads(held_out.stdout)["split"] == "test"
+    assert "scored its held-out split, the last 2 of 20 rows" in held_out.stderr and "--split all" in held_out.stderr
+    everything = run_tandem(*common, "--split", "all")
+    assert everything.returncode == 0, everything.stderr
+    assert json.loads(everything.stdout)["n"] == 20 and "has 20 rows, so n=20, not 200" in everything.stderr
+    generated = run_tandem("eval", "--model", smoke_run, "--task", "addition", "--split", "all")
+    assert generated.returncode == 2 and "--split all scores every row of a .jsonl file" in generated.stderr
+
+
+def test_eval_of_an_export_uses_the_tasks_it_remembers(smoke_run, tmp_path):
+    from tandem.cli import _eval_tasks
+    from tandem.export import export_model
+    moved = tmp_path / "elsewhere"                   # an export copied away from its run
+    export_model(smoke_run, moved, progress=False)
+    assert not (moved / "checkpoints").exists()
+    [task] = _eval_tasks(str(moved), None)
+    trained = json.loads((smoke_run / "config.json").read_text())["data"]
+    assert task.name == trained["tasks"][0] == "addition"
+    assert task.params["max_digits"] == trained["task_params"]["addition"]["max_digits"] == 2   # not the default 3

@@ -625,7 +625,7 @@ def test_serve_command_end_to_end(memo, tok, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--name", "memo",
-                             "--port", str(port), "--threads", "1", "--max-batch", "4"],
+                             "--port", str(port), "--threads", "1", "--max-batch", "4", "--max-len", "2048"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -642,7 +642,8 @@ def test_serve_command_end_to_end(memo, tok, tmp_path):
         assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (THINKING, ANSWER)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
-        assert "serving" in proc.stdout.read()
+        assert f"serving memo on http://127.0.0.1:{port}/" in proc.stdout.read()
+        assert "--max-len 2048 is more than the model's context of 128 tokens; using 128" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -723,9 +724,32 @@ def test_ctrl_c_with_requests_running_answers_each_with_its_result_or_a_503(tok,
     (["--model", ".", "--backend", "hf:cpu"], "torch backend only"),
     (["--model", ".", "--max-batch", "0"], "--max-batch must be >= 1"),
     (["--model", "tests", "--port", "0"], "is not a tandem run"),            # fails while loading
+    (["--model", ".", "--port", "99999"], "--port must be between 0 and 65535, got 99999"),
 ])
 def test_serve_command_user_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", *args], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_serve_on_a_taken_port_says_so_before_announcing_anything(memo, tok, tmp_path):
+    folder = save_as_checkpoint(memo.state.engine_loop.engine.model, tok, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "pick another --port" in result.stderr
+
+
+def test_a_gguf_model_points_at_llama_cpp(tmp_path):
+    from tandem.errors import ModelError
+    from tandem.loading import load_model
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for path in (tmp_path, tmp_path / "model.gguf"):
+        with pytest.raises(ModelError, match="GGUF model.*--backend llamacpp.*llama-server"):
+            load_model(path)

@@ -167,6 +167,7 @@ class Backend:
     spec: BackendSpec
     eos_id: int
     vocab_size: int
+    max_len: int          # context length: prompt + completion tokens at most
 
     def __init__(self):
         self._tmp: Path | None = None
@@ -260,6 +261,7 @@ class TorchBackend(Backend):
         self.model, self.tokenizer, self.info = loaded.model, loaded.tokenizer, loaded.info
         self.engine = Engine(self.model, max_batch=max_batch, seed=seed)
         self.eos_id, self.vocab_size = self.tokenizer.eos_id, self.model.config.vocab_size
+        self.max_len = self.engine.max_len
         self.device = self.model.lm_head.weight.device
 
     def encode(self, text):
@@ -341,6 +343,7 @@ class HFBackend(Backend):
         self.device = device
         self.eos_id = self.tokenizer.eos_id
         self.vocab_size = self.model.config.vocab_size
+        self.max_len = self.model.config.max_position_embeddings
 
     def encode(self, text):
         return list(self.hf_tokenizer.encode(text, add_special_tokens=False))
@@ -406,7 +409,7 @@ class LlamaCppBackend(Backend):
                          n_threads=torch.get_num_threads(), n_batch=min(512, n_ctx))
         self.eos_id = int(self.llm.token_eos())
         self.vocab_size = int(self.llm.n_vocab())
-        self.n_ctx = n_ctx
+        self.n_ctx = self.max_len = n_ctx
 
     def encode(self, text):
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))

@@ -601,6 +601,11 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None,
             loaded = load()
             ctx = loaded.model.config.max_position_embeddings
             max_len = min(config.max_len or min(ctx, 4096), ctx)
+            if config.max_len and config.max_len > ctx:
+                log.warning("--max-len %d is more than the model's context of %d tokens; using %d",
+                            config.max_len, ctx, max_len)
+            elif config.max_len is None and max_len < ctx:
+                log.info("context %d of the model's %d tokens (raise it with --max-len)", max_len, ctx)
             engine = Engine(loaded.model, max_batch=config.max_batch, max_len=max_len, seed=config.seed)
             state.tokenizer, state.token_info, state.max_len = loaded.tokenizer, TokenInfo(loaded.tokenizer), max_len
             engine_loop = EngineLoop(engine)

@@ -10,7 +10,7 @@ Roles must be "system", "user" or "assistant". In the flat shape "answer" may al
 Blank lines are skipped; anything else that is wrong raises DataError naming PATH:LINE.
 
 Split: the last ~10% of rows (`test_fraction`, at least one row) are the fixed test split, in file
-order; `example(i)` cycles over the other rows, reshuffled every epoch (seeded). Train rows whose
+order (`rows` keeps them all, for `tandem eval --split all`); `example(i)` cycles over the other rows, reshuffled every epoch (seeded). Train rows whose
 prompt also appears in the test split are dropped. With a single row, that row is used for both.
 """
 
@@ -153,7 +153,7 @@ class JsonlTask(Task):
         super().__init__(seed, **params)
         self.path = os.fspath(path)
         self.name = self.path
-        rows = load_jsonl(self.path)
+        self.rows = rows = load_jsonl(self.path)
         if len(rows) == 1:
             # A single row cannot be split: it serves as both the train and the test example.
             self.test_rows, self.train_rows = rows, rows
