@@ -224,6 +224,18 @@ class Backend:
         """[len(ids), vocab] logits of a full (uncached) forward over ids."""
         raise NotImplementedError
 
+    def _gguf_file(self, model_path) -> Path:
+        """The GGUF file to run: `model_path` itself if it is one (or an export holding one), else
+        a temporary GGUF export of it (removed by close())."""
+        from tandem.export.gguf import find_gguf, is_gguf
+        path = Path(model_path)
+        if not path.exists():
+            raise BackendError(f"model path not found: {path}")
+        file = find_gguf(path) if is_gguf(path) else None
+        if file is None:
+            self._tmp, file = _export_temp(path, "gguf", self.spec.gguf_type)
+        return file
+
     # --- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -393,15 +405,8 @@ class LlamaCppBackend(Backend):
         super().__init__()
         check_installed(spec)
         from llama_cpp import Llama
-        from tandem.export.gguf import find_gguf, is_gguf
         self.spec, self.seed = spec, seed
-        path = Path(model_path)
-        if not path.exists():
-            raise BackendError(f"model path not found: {path}")
-        file = find_gguf(path) if is_gguf(path) else None
-        if file is None:
-            self._tmp, file = _export_temp(path, "gguf", spec.gguf_type)
-        self.file = file
+        file = self.file = self._gguf_file(model_path)
         meta = _gguf_meta(file)
         arch = meta.get("general.architecture", "llama")
         n_ctx = int(meta.get(f"{arch}.context_length", 2048))
@@ -474,15 +479,9 @@ class LlamaCppProcess(Backend):
     def __init__(self, spec: BackendSpec, model_path, seed: int = 0):
         super().__init__()
         check_installed(spec)
-        from tandem.export.gguf import find_gguf, is_gguf
         from tandem.isolate import Child
         self.spec = spec
-        path = Path(model_path)
-        if not path.exists():
-            raise BackendError(f"model path not found: {path}")
-        file = find_gguf(path) if is_gguf(path) else None
-        if file is None:
-            self._tmp, file = _export_temp(path, "gguf", spec.gguf_type)
+        file = self._gguf_file(model_path)
         kind = GGUF_FILE_TYPES.get(_gguf_meta(file).get("general.file_type"), spec.gguf_type)
         others = " or ".join(f"llamacpp:{t}" for t in GGUF_TYPES if t != kind)
         try:
