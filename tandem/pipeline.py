@@ -101,6 +101,8 @@ def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     run_dir = prepare_run(out, cfg)
     save_tokenizer(tokenizer, run_dir)
     stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress, init_weights=init[0] if init else None)
+    if stats["resumed_from"] >= stats["steps"] and "sft" in read_summary(run_dir):
+        return run_dir  # a rerun of a finished stage trained nothing: keep the figures of the run that did
     if init:
         stats["init"] = {"path": init[2]["path"], "step": init[2]["step"], "phase": init[2]["phase"]}
     peaks = run_peaks(run_dir, stats["device"], ["fp32", cfg.sft.dtype],

@@ -103,9 +103,11 @@ def test_run_folder_with_a_different_config_is_refused(smoke_run, tmp_path):
 def test_rerun_of_a_finished_run_resumes_and_changes_nothing(smoke_run):
     from tandem.loading import load_model
     before = load_model(smoke_run).info["fingerprint"]
+    summary = (smoke_run / "summary.json").read_text()
     result = run_tandem("sft", "--preset", "smoke", "--out", smoke_run, "--quiet")
     assert result.returncode == 0, result.stderr
     assert load_model(smoke_run).info["fingerprint"] == before
+    assert (smoke_run / "summary.json").read_text() == summary  # the figures of the run that trained stay
 
 
 def test_generate_fits_its_reply_into_the_context(smoke_run):

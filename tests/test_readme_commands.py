@@ -43,6 +43,8 @@ COMMANDS = [
     # README "A quick tour of the CLI" (also "Chat with your model": its pipeline line is this one)
     ("tandem pipeline --preset tiny --out runs/demo", FEW_STEPS, {0}),
     ("tandem sft      --preset smoke --out runs/s1", [], {0}),
+    ("tandem sft      --preset smoke --init runs/s1 --out runs/s2 --set sft.steps=400", ["--set", "sft.steps=8"], {0}),
+    ("tandem rl       --preset smoke --init runs/s1 --out runs/r1", FEW_STEPS, {0}),
     ("tandem eval     --model runs/demo --task addition --json", ["--n", "4", "--max-new-tokens", "16"], {0}),
     ('tandem generate --model runs/demo --prompt "What is 482 + 37?"', [], {0}),
     ("tandem chat     --model runs/demo", [], {0}),                       # stdin: one question, then EOF
