@@ -45,14 +45,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, environment, fresh_scratch, median, table, write_section  # noqa: E402
-from tandem.chaos import match_detections, run_job  # noqa: E402
+from tandem.resilience.chaos import match_detections, run_job  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.model import weights_fingerprint  # noqa: E402
 from tandem.pipeline import build_tasks, ensure_tokenizer  # noqa: E402
 from tandem.runs import prepare_run  # noqa: E402
 from tandem.train.checkpoint import (AsyncCheckpointer, latest_valid, load_checkpoint, save_checkpoint,  # noqa: E402
                                      to_host, verify_checkpoint)
-from tandem.train.resilience import read_jsonl  # noqa: E402
+from tandem.resilience.incidents import read_jsonl  # noqa: E402
 from tandem.train.sft import train_sft  # noqa: E402
 
 PLOT = ROOT / "docs" / "chaos_goodput.png"

@@ -86,7 +86,7 @@ def main() -> None:
     except ImportError:
         print("skipped: trl is not installed here (pip install trl); nothing to compare against")
         return
-    from tandem.export import export_model
+    from tandem.publish import export_model
     from tandem.train.grpo import rl_tasks, run_rl_stage
     torch.set_num_threads(args.threads)
     init = ensure_sft(Path(args.init))

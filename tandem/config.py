@@ -139,9 +139,9 @@ class EvalConfig:
 
 @dataclass
 class ResilienceConfig:
-    """Surviving unstable hardware (tandem/train/resilience.py, tandem/supervisor.py)."""
+    """Surviving unstable hardware (tandem/resilience/)."""
     faults: str = ""               # injected faults, e.g. "kill@37,hang@50,nan@60,bitflip:grad@70" (grammar
-                                   # in train/resilience.py); each fires once per run folder
+                                   # in resilience/faults.py); each fires once per run folder
     mtbf: float = 0.0              # also inject random faults, one per `mtbf` steps on average (0 = off)
     mtbf_kinds: list = field(default_factory=lambda: ["kill", "device_error"])  # what the random faults are
     fault_seed: int = 0            # seeds the random faults and where bit flips land
@@ -347,7 +347,7 @@ def _validate_rl(cfg: Config) -> None:
 
 
 def _validate_resilience(r: ResilienceConfig) -> None:
-    from tandem.train.resilience import parse_schedule
+    from tandem.resilience.faults import parse_schedule
     parse_schedule(r.faults)
     parse_schedule(",".join(f"{kind}@1" for kind in r.mtbf_kinds), key="resilience.mtbf_kinds")
     _check(r.mtbf >= 0, "resilience.mtbf", ">= 0 steps (0 = off)", r.mtbf)

@@ -162,7 +162,7 @@ def run_pipeline(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         run_eval_stage(cfg, run_dir, "rl", progress)
         release_devices(cfg)
     if cfg.export.formats:  # export + parity gate (tandem/export/__init__.py, [export] in the config)
-        from tandem.export import run_export_stage
+        from tandem.publish import run_export_stage
         run_export_stage(cfg, run_dir, progress)
     update_summary(run_dir, wall_seconds=time.perf_counter() - started)
     report = write_report(run_dir)

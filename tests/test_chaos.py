@@ -3,7 +3,7 @@
 import json
 
 from conftest import coin_flip_task, run_tandem
-from tandem.chaos import match_detections
+from tandem.resilience.chaos import match_detections
 from tandem.cli import main
 
 

@@ -140,8 +140,8 @@ def test_eval_says_why_it_scores_fewer_than_asked(smoke_run, tmp_path):
 
 
 def test_eval_of_an_export_uses_the_tasks_it_remembers(smoke_run, tmp_path):
-    from tandem.cli import _eval_tasks
-    from tandem.export import export_model
+    from tandem.cli.models import _eval_tasks
+    from tandem.publish import export_model
     moved = tmp_path / "elsewhere"                   # an export copied away from its run
     export_model(smoke_run, moved, progress=False)
     assert not (moved / "checkpoints").exists()

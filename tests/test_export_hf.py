@@ -275,7 +275,7 @@ def test_export_refusals_are_one_line_and_leave_nothing(smoke_run, tmp_path):
 
 def test_a_failed_export_leaves_nothing_behind(smoke_run, tmp_path, monkeypatch):
     import tandem.export.hf as hf_module
-    from tandem.export import export_model
+    from tandem.publish import export_model
 
     def broken(config, weights, tokenizer, folder, **kw):
         (folder / "model.safetensors").write_bytes(b"half")

@@ -204,7 +204,7 @@ def test_the_pipeline_runs_grpo_between_two_evals(smoke_run):
 
 def test_rl_starts_from_an_hf_folder(tmp_path, init_model):
     """--init may be an HF Llama folder (here the SFT model exported by tandem.export): same weights."""
-    from tandem.export import export_model
+    from tandem.publish import export_model
     export_model(init_model, tmp_path / "hf", fmt="hf", progress=False)
     stats = _rl(tmp_path / "run", tmp_path / "hf", ["rl.steps=1", "rollout.workers=0"])
     sft = weights_fingerprint(load_checkpoint(latest_valid(init_model / "checkpoints" / "sft"))["model"])

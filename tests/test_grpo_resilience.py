@@ -17,7 +17,8 @@ from tandem.model import weights_fingerprint
 from tandem.runs import prepare_run, read_metrics
 from tandem.train.checkpoint import latest_valid, load_checkpoint
 from tandem.train.grpo import train_grpo
-from tandem.train.resilience import FAULTS_FILE, INCIDENTS_FILE, read_jsonl
+from tandem.resilience.faults import FAULTS_FILE
+from tandem.resilience.incidents import INCIDENTS_FILE, read_jsonl
 
 RL = ["run.threads=1", "rl.mode=sync", "rl.steps=4", "rl.lr=0.001", "rl.max_new_tokens=16", "rollout.workers=0",
       "rl.checkpoint_every=1", "rl.keep_checkpoints=10", "rl.log_every=1"]

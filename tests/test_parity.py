@@ -163,7 +163,7 @@ def test_clean_export_passes_the_gate_and_a_corrupted_one_fails(trained_run, tmp
 def test_gate_refuses_to_publish_a_corrupted_export(trained_run, tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import tandem.export.hf as hf_module
-    from tandem.export import GateFailure, export_model
+    from tandem.publish import GateFailure, export_model
     real = hf_module.write_hf
 
     def corrupting(config, weights, tokenizer, folder, **kw):
@@ -186,7 +186,7 @@ def test_pipeline_stage_records_a_refused_export(trained_run, monkeypatch):
     pytest.importorskip("transformers")
     import tandem.export.hf as hf_module
     from tandem.config import config_from_dict
-    from tandem.export import run_export_stage
+    from tandem.publish import run_export_stage
     real = hf_module.write_hf
 
     def corrupting(config, weights, tokenizer, folder, **kw):

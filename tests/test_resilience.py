@@ -22,8 +22,10 @@ from tandem.pipeline import build_tasks, ensure_tokenizer
 from tandem.runs import prepare_run
 from tandem.train.checkpoint import (AsyncCheckpointer, latest_valid, list_checkpoints, load_checkpoint,
                                      save_checkpoint, verify_checkpoint)
-from tandem.train.resilience import (INCIDENTS_FILE, FaultInjector, StepGuard, fingerprint, flip_bit, mtbf_schedule,
-                                     parse_schedule, read_jsonl, schedule_text)
+from tandem.resilience.faults import FaultInjector, mtbf_schedule, parse_schedule, schedule_text
+from tandem.resilience.guard import StepGuard
+from tandem.resilience.incidents import INCIDENTS_FILE, read_jsonl
+from tandem.resilience.replicas import fingerprint, flip_bit
 from tandem.train.sft import train_sft
 
 BASE = ["sft.steps=12", "sft.checkpoint_every=4", "sft.log_every=1", "run.threads=1"]
@@ -264,7 +266,8 @@ def test_a_step_that_keeps_disagreeing_stops_the_rollbacks(tmp_path):
     """A nondeterministic recomputation (what a GPU without deterministic kernels gives) disagrees
     every time: the detector rolls back twice, then raises instead of looping."""
     from tandem.errors import CorruptionError
-    from tandem.train.resilience import CorruptionDetector, Incidents
+    from tandem.resilience.incidents import Incidents
+    from tandem.resilience.replicas import CorruptionDetector
     model = torch.nn.Linear(3, 2)
     noise = torch.Generator().manual_seed(0)
 

@@ -154,7 +154,7 @@ def test_rollback_discards_only_tandems_checkpoints(tmp_path):
 
 def test_pipeline_export_stage_leaves_a_foreign_export_folder(run, tmp_path):
     from tandem.config import load_config
-    from tandem.export import run_export_stage
+    from tandem.publish import run_export_stage
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     kept = foreign_folder(copy / "export" / "hf")

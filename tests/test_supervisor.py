@@ -12,9 +12,9 @@ from tandem.config import load_config
 from tandem.model import weights_fingerprint
 from tandem.pipeline import build_tasks, ensure_tokenizer
 from tandem.runs import prepare_run
-from tandem.supervisor import Policy, backoff_delay, supervise
+from tandem.resilience.supervisor import Policy, backoff_delay, supervise
 from tandem.train.checkpoint import latest_valid, load_checkpoint
-from tandem.train.resilience import read_jsonl
+from tandem.resilience.incidents import read_jsonl
 from tandem.train.sft import train_sft
 
 SETTINGS = ["sft.steps=14", "sft.checkpoint_every=3", "run.threads=1", "resilience.heartbeat_timeout=2"]

@@ -39,10 +39,10 @@ def _training(summary: dict) -> list[str]:
     return lines if sft or rl else []
 
 
-def model_card(provenance: dict, arch: str, parameters: int, summary: dict, gate_report: dict | None) -> str:
+def model_card(provenance: dict, arch: str, parameters: int, summary: dict, gate_text: str | None) -> str:
     """README.md for an HF export. provenance: tandem_export.json's content; summary: the source
-    run's summary.json ({} when the source is not a run); gate_report: tandem parity's report."""
-    from tandem.parity import markdown as parity_markdown
+    run's summary.json ({} when the source is not a run); gate_text: tandem parity's report of the gate
+    as markdown (parity.markdown), None when the export was not gated."""
     lines = _front_matter(provenance, arch)
     lines += ["# tandem model", "",
               f"A {parameters:,}-parameter `{arch}` decoder trained with tandem (SFT, then GRPO where listed), "
@@ -59,11 +59,11 @@ def model_card(provenance: dict, arch: str, parameters: int, summary: dict, gate
         lines += ["## Compute ledger", "", Ledger.from_dict(summary["ledger"]).markdown(), ""]
     if summary.get("evals"):
         lines += ["## Held-out accuracy (greedy pass@1)", ""] + accuracy_table(summary["evals"]) + [""]
-    if gate_report is not None:
+    if gate_text is not None:
         lines += ["## Parity gate of this export", "",
                   "Before publishing, this folder was run on the target backend against the trained model "
                   "on the reference and had to meet every threshold below.", "",
-                  parity_markdown(gate_report).replace("## Parity:", "### Parity:", 1), ""]
+                  gate_text.replace("## Parity:", "### Parity:", 1), ""]
     else:
         lines += ["## Parity gate", "", "This export was not gated (run `tandem parity` against its source to check it).", ""]
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -1,7 +1,7 @@
 """GRPO: reinforcement learning on verifiable rewards, with the trainer and the rollouts on
 different devices.
 
-    tandem rl --init runs/demo --out runs/demo-rl --preset tiny      (tandem/cli_rl.py)
+    tandem rl --init runs/demo --out runs/demo-rl --preset tiny      (tandem/cli/train.py)
     tandem pipeline --preset tiny --out runs/demo                     SFT -> eval -> GRPO -> eval
 
 The algorithm (Group Relative Policy Optimization: Shao et al. 2024, "DeepSeekMath"; used for
@@ -75,7 +75,7 @@ Rewards come from the task (tandem/tasks): correctness_weight * correct + format
 format_ok. A reward function that raises scores that sample 0; the error is counted, the first
 message of each kind logged, and training goes on.
 
-Unstable hardware (tandem/train/resilience.py), as in SFT. Each optimizer step (mu per batch) is
+Unstable hardware (tandem/resilience/), as in SFT. Each optimizer step (mu per batch) is
 vetted before it is applied. Injected data faults strike (resilience.faults): a nan/inf loss in the
 forward pass; nan/inf/spike/bitflip gradients after the gradient all-reduce, on one trainer rank;
 bitflip:weight at the start of a step. Every resilience.check_every steps the corruption detector
@@ -87,7 +87,7 @@ against a recomputation, its weights against that recorded fingerprint (a mismat
 The guard skips an update whose loss or gradient norm is not finite or spikes (`skipped` in
 metrics.jsonl, an incident in incidents.jsonl) and rolls back to the last RL checkpoint after
 resilience.rollback_after skips; when no update gets through it gives up as SFT's does
-(TrainingFailed, exit 3: train/resilience.py, StepGuard). A rollback restores every rank from that
+(TrainingFailed, exit 3: resilience/guard.py, StepGuard). A rollback restores every rank from that
 checkpoint and restarts the rollouts there: the batches of abandoned steps are waited out and
 thrown away, and the restored weights are published again under their step's version. GRPO's
 replicas are its trainer ranks (resilience.replicas is SFT's in-process replication).
@@ -124,8 +124,10 @@ from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
 from tandem.train.checkpoint import discard_newer, latest_valid, load_checkpoint, save_checkpoint
-from tandem.train.resilience import (CorruptionDetector, FaultInjector, Heartbeat, Incidents, RankCorruptionDetector,
-                                     StepGuard)
+from tandem.resilience.faults import FaultInjector
+from tandem.resilience.guard import StepGuard
+from tandem.resilience.incidents import Heartbeat, Incidents
+from tandem.resilience.replicas import CorruptionDetector, RankCorruptionDetector
 from tandem.train.sft import build_optimizer, example_for, lr_at
 
 # -----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ RNG state, and N steps + resume + M steps gives bitwise the same weights as N+M 
 The loss is computed only where it is needed: logits are formed for the positions that predict an
 assistant token, not for the whole padded batch (same loss, less work).
 
-Unstable hardware (train/resilience.py): every step rewrites a heartbeat for the supervisor, passes
+Unstable hardware (tandem/resilience/): every step rewrites a heartbeat for the supervisor, passes
 the fault injector's points (tests and `tandem chaos`), lets the guard skip an update with a
 non-finite or spiking gradient (rolling back after repeated trouble), and with
 resilience.check_every votes on weight and gradient fingerprints across replicas to find and
@@ -41,8 +41,10 @@ from tandem.tasks import Task
 from tandem.tokenizer import ChatTokenizer
 from tandem.train.checkpoint import (AsyncCheckpointer, discard_newer, latest_valid, load_checkpoint,
                                      save_checkpoint)
-from tandem.train.resilience import (CorruptionDetector, DeviceFault, FaultInjector, Heartbeat, Incidents,
-                                     StepGuard)
+from tandem.resilience.faults import DeviceFault, FaultInjector
+from tandem.resilience.guard import StepGuard
+from tandem.resilience.incidents import Heartbeat, Incidents
+from tandem.resilience.replicas import CorruptionDetector
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:

@@ -43,9 +43,10 @@ from tandem.errors import ConfigError, ModelError
 from tandem.model import weights_fingerprint
 from tandem.progress import log
 from tandem.runs import read_summary
-from tandem.supervisor import SUPERVISOR_FILE
+from tandem.resilience.supervisor import SUPERVISOR_FILE
 from tandem.train.checkpoint import latest_valid, load_checkpoint
-from tandem.train.resilience import FAULTS_FILE, INCIDENTS_FILE, configured_faults, read_jsonl, schedule_text
+from tandem.resilience.faults import FAULTS_FILE, configured_faults, schedule_text
+from tandem.resilience.incidents import INCIDENTS_FILE, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESS_FAULTS = ("kill", "hang", "device_error", "ckpt_truncate", "ckpt_bitflip")  # each costs a restart

@@ -46,7 +46,7 @@ from typing import Callable
 from tandem.errors import TandemError
 from tandem.progress import log
 from tandem.runs import read_run_config, write_json_atomic
-from tandem.train.resilience import ATTEMPT_ENV, HEARTBEAT_GLOB, INCIDENTS_FILE, append_jsonl
+from tandem.resilience.incidents import ATTEMPT_ENV, HEARTBEAT_GLOB, INCIDENTS_FILE, append_jsonl
 
 SUPERVISOR_FILE = "supervisor.json"
 NOT_RETRIED = {0: "done", 2: "user_error", 3: "failed", 130: "interrupted"}
@@ -130,10 +130,9 @@ def backoff_delay(restarts_without_progress: int, base: float, cap: float) -> fl
 
 def preload() -> None:
     """Import what a training child needs, once, so every fork starts warm. torch.optim imports
-    torch._dynamo lazily on first use (seconds), hence the explicit import."""
+    torch._dynamo lazily on first use (seconds), hence the explicit import; the caller has imported
+    its job's own modules (the CLI imports tandem.pipeline before it supervises a command)."""
     import torch._dynamo  # noqa: F401
-    import tandem.cli  # noqa: F401
-    import tandem.pipeline  # noqa: F401
 
 
 def latest_heartbeat(run_dir: Path, since: float) -> dict | None:

@@ -1,5 +1,8 @@
-"""The `tandem rl` subcommand: GRPO from a tandem run or an HF checkpoint, with rollout workers.
+"""The training subcommands of `tandem`: pipeline, sft (their parsers are in tandem/cli/__init__.py) and
+rl: GRPO from a tandem run or an HF checkpoint, with rollout workers.
 
+    tandem pipeline --preset tiny --out runs/demo
+    tandem sft --preset smoke --out runs/s
     tandem rl --init runs/demo --out runs/demo-rl --preset tiny
     tandem rl --init models/Qwen2.5-0.5B-Instruct --out runs/qwen-rl --preset hf-grpo \\
         --set 'data.tasks=["data/mine.jsonl"]'
@@ -20,14 +23,41 @@ import os
 import sys
 from pathlib import Path
 
+from tandem.cli.args import add_config_args
+
+
+def _config(args):
+    from tandem.config import load_config
+    return load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+
+
+def cmd_pipeline(args) -> int:
+    from tandem.pipeline import run_pipeline
+    run_dir = run_pipeline(_config(args), args.out, progress=not args.quiet)
+    print(f"done: {run_dir} (report: {run_dir / 'report.md'})")
+    print(f"try it: tandem chat --model {run_dir}")
+    print(f"serve it: tandem serve --model {run_dir}   (OpenAI API + web chat on http://127.0.0.1:8000/)")
+    from tandem.runs import read_summary
+    refused = [f for f, r in read_summary(run_dir).get("export", {}).items() if not r.get("published", True)]
+    return 1 if refused else 0  # an export refused by its parity gate fails the pipeline
+
+
+def cmd_sft(args) -> int:
+    from tandem.pipeline import run_sft_stage
+    cfg = _config(args)
+    if args.init:
+        cfg.sft.init = args.init  # recorded in config.json: a rerun with another --init is refused
+    run_dir = run_sft_stage(cfg, args.out, progress=not args.quiet)
+    print(f"done: {run_dir}")
+    return 0
+
 
 def add_parser(sub) -> None:
-    from tandem.cli import _add_config_args
     p = sub.add_parser("rl", help="GRPO with trainer and rollout roles (resumes in the same --out)")
     p.add_argument("--init", required=True, help="the model RL starts from: a run, a checkpoint or an HF folder; "
                    "from a tandem run, data.tasks and data.task_params are inherited from its config.json "
                    "unless given with --set")
-    _add_config_args(p)
+    add_config_args(p)
 
 
 def inherit_tasks(cfg, init: str, overrides: list[str]) -> None:

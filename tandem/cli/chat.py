@@ -1,4 +1,4 @@
-"""`tandem chat`: a terminal chat with a model, thinking shown dimmed (registered by cli.py).
+"""`tandem chat`: a terminal chat with a model, thinking shown dimmed (registered by tandem/cli/__init__.py).
 
     tandem chat --model runs/demo                  # each message answered on its own
     tandem chat --model path/to/Qwen2.5-0.5B-Instruct --multi-turn

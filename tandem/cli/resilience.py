@@ -4,10 +4,10 @@
     tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,nan@15 \\
         --set resilience.heartbeat_timeout=3 [--json] [--init RUN: GRPO instead of SFT]
 
-tandem/cli.py adds the supervision flags to every command that takes a config (sft, rl, pipeline)
-and, when --supervise is given, hands the command to run_supervised instead of running it. The
-supervisor forks children that run the same command line; the attempt number it puts in their
-environment is what stops a child from supervising itself again.
+tandem/cli/args.py adds the supervision flags to every command that takes a config (sft, rl, pipeline);
+when --supervise is given, main() (tandem/cli/__init__.py) hands the command to run_supervised instead
+of running it. The supervisor forks children that run the same command line; the attempt number it
+puts in their environment is what stops a child from supervising itself again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Callable
 
 from tandem.errors import TandemError
 
@@ -28,18 +29,19 @@ def add_supervise_args(parser: argparse.ArgumentParser) -> None:
 
 def wants_supervisor(args) -> bool:
     """True when this process should supervise the command rather than run it."""
-    from tandem.train.resilience import ATTEMPT_ENV
+    from tandem.resilience.incidents import ATTEMPT_ENV
     if getattr(args, "max_restarts", None) is not None and not args.supervise:
         raise TandemError("--max-restarts only applies with --supervise; add --supervise")
     return getattr(args, "supervise", False) and ATTEMPT_ENV not in os.environ
 
 
-def run_supervised(args, argv: list[str]) -> int:
+def run_supervised(args, argv: list[str], main: Callable[[list[str]], int]) -> int:
+    """Supervise `main(argv)` (the CLI's own entry point, run in forked children)."""
     from pathlib import Path
 
-    from tandem.cli import main
+    import tandem.pipeline  # noqa: F401  (imported once here, so every forked child starts warm)
     from tandem.config import load_config
-    from tandem.supervisor import Policy, supervise
+    from tandem.resilience.supervisor import Policy, supervise
     from tandem.progress import log
     if args.max_restarts is not None and args.max_restarts < 0:
         raise TandemError(f"--max-restarts must be >= 0, got {args.max_restarts}")
@@ -69,7 +71,7 @@ def add_chaos_parser(sub) -> None:
 
 
 def cmd_chaos(args) -> int:
-    from tandem.chaos import run_chaos
+    from tandem.resilience.chaos import run_chaos
     if not args.faults and args.mtbf <= 0:
         raise TandemError("give --faults SCHEDULE or --mtbf STEPS (or both); e.g. --faults kill@7,hang@12")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] or None

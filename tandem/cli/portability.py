@@ -1,4 +1,4 @@
-"""The portability subcommands of `tandem`: export, parity, preflight (registered by cli.py).
+"""The portability subcommands of `tandem`: export, parity, preflight (registered by tandem/cli/__init__.py).
 
     tandem export    --model runs/demo --format hf|gguf --out DIR [--force] [--gate torch:cpu:fp32]
     tandem parity    --model runs/demo --ref torch:cpu:fp32 --target hf [--task T] [--n N] [--json]
@@ -56,7 +56,7 @@ def add_subcommands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from tandem.export import GateFailure, export_model
+    from tandem.publish import GateFailure, export_model
     from tandem.parity import format_text, parse_thresholds
     thresholds = parse_thresholds(args.threshold)
     if args.threshold and not args.gate:

@@ -1,0 +1,89 @@
+"""The run folder's resilience logs: incidents.jsonl, heartbeat-ROLE.json, and the JSON-lines helpers that
+faults.jsonl (resilience/faults.py) uses too.
+
+Heartbeat: the trainer rewrites runs/NAME/heartbeat-ROLE.json at every step; the supervisor
+(resilience/supervisor.py) declares the job hung when none has been written for a while.
+
+Incidents: what was detected (skips, rollbacks, corruption, rejected checkpoints, device faults,
+and the supervisor's crashes and hangs) goes to runs/NAME/incidents.jsonl; `tandem chaos` matches
+it against faults.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from tandem.progress import log
+
+INCIDENTS_FILE = "incidents.jsonl"
+HEARTBEAT_GLOB = "heartbeat-*.json"
+ATTEMPT_ENV = "TANDEM_SUPERVISED_ATTEMPT"  # set by the supervisor in each child: its attempt number
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line and fsync it: it must survive the SIGKILL that may follow at once."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return records
+
+
+def attempt_number() -> int:
+    """Which attempt of a supervised job this process is (1 when not supervised)."""
+    return int(os.environ.get(ATTEMPT_ENV, "1"))
+
+
+class Incidents:
+    """Append-only log of what was detected and done about it (runs/NAME/incidents.jsonl).
+
+    write=False only counts: a follower rank of a data-parallel group, whose leader records the same
+    decisions (every rank decides alike)."""
+
+    def __init__(self, run_dir: Path, role: str = "trainer", write: bool = True):
+        self.path, self.role, self.write = Path(run_dir) / INCIDENTS_FILE, role, write
+        self.counts: Counter = Counter()
+
+    def record(self, kind: str, step: int | None, detail: str) -> None:
+        self.counts[kind] += 1
+        if not self.write:
+            return
+        append_jsonl(self.path, {"kind": kind, "step": step, "detail": detail, "role": self.role,
+                                 "time": time.time(), "pid": os.getpid(), "attempt": attempt_number()})
+        log(f"resilience: {kind} at step {step}: {detail}")
+
+
+class Heartbeat:
+    """runs/NAME/heartbeat-ROLE.json, rewritten every step (temp file + rename, no fsync: it only has
+    to be visible to the supervisor on this machine)."""
+
+    def __init__(self, run_dir: Path, role: str = "trainer"):
+        self.path = Path(run_dir) / f"heartbeat-{role}.json"
+        self.first: tuple[int, float] | None = None  # step and time of this process's first beat
+
+    def beat(self, step: int, idle: bool = False) -> None:
+        now = time.time()
+        self.first = self.first or (step, now)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "time": now, "first_step": self.first[0],
+                                   "first_time": self.first[1], "pid": os.getpid(), "idle": idle}))
+        os.replace(tmp, self.path)
+
+    def idle(self, step: int) -> None:
+        """No more steps for now (the phase is over): the supervisor stops watching for a hang."""
+        self.beat(step, idle=True)
