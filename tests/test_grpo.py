@@ -11,8 +11,8 @@ from tandem.runs import prepare_run, read_metrics, read_summary
 from tandem.tasks import TASKS
 from tandem.tasks.arithmetic import AdditionTask
 from tandem.train.checkpoint import latest_valid, load_checkpoint
-from tandem.train.grpo import (build_batch, group_advantages, grpo_loss, informative, mismatch, safe_reward,
-                               token_weights, train_grpo)
+from tandem.train.grpo import safe_reward, train_grpo
+from tandem.train.grpo_loss import build_batch, group_advantages, grpo_loss, informative, mismatch, token_weights
 
 # Two sequences of 2 and 1 completion tokens; advantages +1 and -1.
 LOGP = [-1.0, -2.0, -0.5]

@@ -200,7 +200,7 @@ def error_json(response: httpx.Response) -> dict:
 
 
 def test_text_stream_emits_whole_characters(tok):
-    from tandem.infer.server import TextStream
+    from tandem.infer.server.text import TextStream
     ids = tok.encode(REPLY)
     assert any(tok.decode([i]).endswith("\ufffd") for i in ids), "the reply must split a character"
     stream = TextStream(tok, [])
@@ -210,7 +210,7 @@ def test_text_stream_emits_whole_characters(tok):
 
 
 def test_text_stream_stop_strings(tok):
-    from tandem.infer.server import TextStream
+    from tandem.infer.server.text import TextStream
     ids = tok.encode(REPLY)
     stream = TextStream(tok, ["= 19", "never"])
     out = ""
@@ -223,7 +223,7 @@ def test_text_stream_stop_strings(tok):
 
 
 def test_text_stream_cuts_at_the_first_stop_string(tok):
-    from tandem.infer.server import TextStream
+    from tandem.infer.server.text import TextStream
     ids, rng = tok.encode(REPLY), random.Random(0)
     for _ in range(200):
         a = rng.randrange(len(REPLY))
@@ -234,7 +234,7 @@ def test_text_stream_cuts_at_the_first_stop_string(tok):
 
 
 def test_reasoning_splitter_any_split_equals_whole():
-    from tandem.infer.server import ReasoningSplitter, split_reasoning
+    from tandem.infer.server.text import ReasoningSplitter, split_reasoning
     assert split_reasoning(REPLY) == (THINKING, ANSWER)
     assert split_reasoning("no tags at all ") == ("", "no tags at all")
     assert split_reasoning("<think>\nunfinished thought") == ("unfinished thought", "")
@@ -560,7 +560,7 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(rand):
 def test_an_engine_that_cannot_even_cancel_is_rebuilt_after_freeing_the_old_one(rand, monkeypatch):
     import weakref
 
-    import tandem.infer.server as server_module
+    import tandem.infer.server.loop as server_module
     freed_before_new = []                                    # was the old engine gone when the new one was built?
 
     class Recording(server_module.Engine):

@@ -7,7 +7,7 @@ The port is bound before anything is announced (a taken port is one `error:` lin
 opens at once; the model loads in the background (endpoints answer 503 until it is ready).
 Ctrl-C stops accepting connections, lets in-flight requests finish for up to
 --shutdown-timeout seconds, then ends the rest with a 503 (an error event on a stream). See
-tandem/infer/server.py for the API.
+tandem/infer/server/ for the API.
 """
 
 from __future__ import annotations

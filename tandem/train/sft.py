@@ -140,50 +140,61 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
     init_weights: the weights step 0 starts from (sft.init) instead of a seeded random init; the
     optimizer starts fresh and the schedule (warmup + cosine) spans this run's sft.steps.
     """
-    s, r = cfg.sft, cfg.resilience
-    run_dir = Path(run_dir)
-    accel.set_threads(cfg.run.threads)
-    device = accel.resolve_device(cfg.device_for("sft"))
-    accel.set_device(device)
-    accel.set_deterministic(device, cfg.run.deterministic)
-    amp_dtype = accel.resolve_dtype(s.dtype, device)
-    # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
-    # compared with it (resilience.replicas: identical copies fed identical batches).
-    models = [new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)]
-    models += [copy.deepcopy(models[0]) for _ in range(r.replicas - 1)]
-    optimizers = [build_optimizer(m, s) for m in models]
-    ckpt_root = run_dir / "checkpoints" / "sft"
-    tokenizer_files = {n: run_dir / "tokenizer" / n for n in ("tokenizer.json", "tokenizer_config.json")}
-    incidents = Incidents(run_dir)
-    faults = FaultInjector.from_config(r, s.steps, run_dir)
-    guard = StepGuard.from_config(r)
-    detector = CorruptionDetector(r.check_every, incidents)
-    heartbeat = Heartbeat(run_dir)
-    saver = AsyncCheckpointer() if r.async_checkpoint else None
+    return SFTTrainer(cfg, Path(run_dir), tokenizer, tasks, init_weights).run(progress, stop_after)
 
-    def reject(folder: Path, reason: str) -> None:
-        incidents.record("checkpoint_rejected", int(folder.name[5:]), reason)
 
-    # Time spent in the steps of the run's surviving timeline, carried in checkpoints: steps redone
-    # after a crash or a rollback count once (goodput = useful_seconds / wall time, tandem chaos).
-    useful_seconds = 0.0
+class SFTTrainer:
+    """An SFT run: `run()` repeats `train_step()` (vet the weights, forward/backward on every
+    replica, vet the gradients, the guard's verdict, the update, metrics, checkpoint)."""
 
-    def restore(folder: Path | None) -> int:
+    def __init__(self, cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[Task],
+                 init_weights: dict[str, torch.Tensor] | None):
+        s, r = cfg.sft, cfg.resilience
+        self.cfg, self.s, self.run_dir, self.tokenizer, self.tasks = cfg, s, run_dir, tokenizer, tasks
+        self.init_weights = init_weights
+        accel.set_threads(cfg.run.threads)
+        self.device = device = accel.resolve_device(cfg.device_for("sft"))
+        accel.set_device(device)
+        accel.set_deterministic(device, cfg.run.deterministic)
+        self.amp_dtype = accel.resolve_dtype(s.dtype, device)
+        # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
+        # compared with it (resilience.replicas: identical copies fed identical batches).
+        self.models = [new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)]
+        self.models += [copy.deepcopy(self.models[0]) for _ in range(r.replicas - 1)]
+        self.optimizers = [build_optimizer(m, s) for m in self.models]
+        self.ckpt_root = run_dir / "checkpoints" / "sft"
+        self.tokenizer_files = {n: run_dir / "tokenizer" / n for n in ("tokenizer.json", "tokenizer_config.json")}
+        self.incidents = Incidents(run_dir)
+        self.faults = FaultInjector.from_config(r, s.steps, run_dir)
+        self.guard = StepGuard.from_config(r)
+        self.detector = CorruptionDetector(r.check_every, self.incidents)
+        self.heartbeat = Heartbeat(run_dir)
+        self.saver = AsyncCheckpointer() if r.async_checkpoint else None
+        # Time spent in the steps of the run's surviving timeline, carried in checkpoints: steps redone
+        # after a crash or a rollback count once (goodput = useful_seconds / wall time, tandem chaos).
+        self.useful_seconds = 0.0
+        self.checkpoint_seconds = 0.0
+        self.tokens_total, self.busy_seconds = 0, 0.0
+
+    def reject(self, folder: Path, reason: str) -> None:
+        self.incidents.record("checkpoint_rejected", int(folder.name[5:]), reason)
+
+    def restore(self, folder: Path | None) -> int:
         """Load a checkpoint into every replica (None: the initial state); returns its step."""
-        nonlocal useful_seconds
+        cfg, device, guard = self.cfg, self.device, self.guard
         if folder is None:
-            for model, optimizer in zip(models, optimizers):
-                if init_weights is None:
+            for model, optimizer in zip(self.models, self.optimizers):
+                if self.init_weights is None:
                     model.reset_parameters(cfg.run.seed)
                 else:
-                    model.load_checkpoint_state({k: v.to(device) for k, v in init_weights.items()})
+                    model.load_checkpoint_state({k: v.to(device) for k, v in self.init_weights.items()})
                 optimizer.state.clear()
             accel.manual_seed(cfg.run.seed)
             guard.reset()
-            step, useful_seconds = 0, 0.0
+            step, self.useful_seconds = 0, 0.0
         else:
             ckpt = load_checkpoint(folder)
-            for i, (model, optimizer) in enumerate(zip(models, optimizers)):
+            for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
                 model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
                 optimizer.load_state_dict(ckpt["optimizer"] if i == 0 else copy.deepcopy(ckpt["optimizer"]))
             state = ckpt["train_state"]
@@ -192,120 +203,141 @@ def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[
                 guard.load_state_dict(state["guard"])
             else:  # a checkpoint from before the guard existed
                 guard.reset()
-            step, useful_seconds = state["step"], state.get("useful_seconds", 0.0)
-        detector.forget()
-        truncate_metrics(run_dir, "sft", step)
+            step, self.useful_seconds = state["step"], state.get("useful_seconds", 0.0)
+        self.detector.forget()
+        truncate_metrics(self.run_dir, "sft", step)
         return step
 
-    def rollback(step: int, at_most: int) -> int:
+    def rollback(self, step: int, at_most: int) -> int:
         """Back to the newest valid checkpoint of step <= at_most; later ones are discarded."""
-        if saver is not None:
-            saver.wait()
-        back_to = restore(latest_valid(ckpt_root, at_most=at_most, on_skip=reject))
-        discard_newer(ckpt_root, back_to)
-        guard.rolled_back(step)
-        incidents.record("rollback", step, f"resuming from step {back_to}")
-        bar.rewind(back_to)
+        if self.saver is not None:
+            self.saver.wait()
+        back_to = self.restore(latest_valid(self.ckpt_root, at_most=at_most, on_skip=self.reject))
+        discard_newer(self.ckpt_root, back_to)
+        self.guard.rolled_back(step)
+        self.incidents.record("rollback", step, f"resuming from step {back_to}")
+        self.bar.rewind(back_to)
         return back_to
 
-    checkpoint_seconds = 0.0
-
-    def checkpoint(step: int) -> None:
-        nonlocal checkpoint_seconds
+    def checkpoint(self, step: int) -> None:
+        s, saver, models = self.s, self.saver, self.models
         started = time.perf_counter()
         train_state = {"phase": "sft", "data_position": step * s.batch_size * s.grad_accum,
-                       "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(device),
-                       "guard": guard.state_dict(), "useful_seconds": useful_seconds}
+                       "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(self.device),
+                       "guard": self.guard.state_dict(), "useful_seconds": self.useful_seconds}
         (saver.save if saver is not None else save_checkpoint)(
-            ckpt_root, step, models[0].checkpoint_state(), train_state, optimizers[0].state_dict(),
-            extra_files={"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **tokenizer_files},
-            keep=s.keep_checkpoints, before_commit=faults.before_commit(step))
-        checkpoint_seconds += time.perf_counter() - started
+            self.ckpt_root, step, models[0].checkpoint_state(), train_state, self.optimizers[0].state_dict(),
+            extra_files={"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **self.tokenizer_files},
+            keep=s.keep_checkpoints, before_commit=self.faults.before_commit(step))
+        self.checkpoint_seconds += time.perf_counter() - started
 
-    latest = latest_valid(ckpt_root, on_skip=reject)
-    step = start = restore(latest)
-    if latest is not None:
-        log(f"resuming SFT from {latest} (step {start})")
-    bar = Progress(s.steps, "sft", start=start, every=s.log_every, enabled=progress)
-    tokens_total, busy_seconds = 0, 0.0
-    for model in models:
-        model.train()
-    try:
-        while step < s.steps:
-            heartbeat.beat(step)
-            t0 = accel.timer(device)
-            faults.start_of_step(step, checkpoints=ckpt_root)
-            faults.corrupt_weights(step, models)
-            if detector.check_weights(step, models, optimizers):
-                step = rollback(step, detector.last_good)
-                continue
-            lr = lr_at(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            first = step * s.batch_size * s.grad_accum
-            micro = [make_batch([example_for(tasks, first + m * s.batch_size + j) for j in range(s.batch_size)],
-                                tokenizer, s.max_seq_len, device) for m in range(s.grad_accum)]
-            n_targets = sum(int(b.target_mask.sum()) for b in micro)
-            losses = [0.0] * len(models)
+    def run(self, progress: bool, stop_after: int | None) -> dict:
+        s = self.s
+        latest = latest_valid(self.ckpt_root, on_skip=self.reject)
+        self.step = start = self.restore(latest)
+        if latest is not None:
+            log(f"resuming SFT from {latest} (step {start})")
+        self.bar = Progress(s.steps, "sft", start=start, every=s.log_every, enabled=progress)
+        for model in self.models:
+            model.train()
+        try:
+            while self.step < s.steps:
+                if not self.train_step():      # rolled back: the step starts over
+                    continue
+                if self.step % s.checkpoint_every == 0 or self.step == s.steps or self.step == stop_after:
+                    self.checkpoint(self.step)
+                if self.step == stop_after:
+                    break
+            if s.steps == 0 or (start == s.steps and latest is None):
+                self.checkpoint(s.steps)
+        except DeviceFault as exc:
+            self.incidents.record("device_fault", self.step, str(exc))
+            raise
+        finally:
+            if self.saver is not None:
+                self.saver.wait()
+        self.bar.close()
+        self.heartbeat.idle(self.step)
+        return self.summary(start)
 
-            def compute(i: int) -> None:
-                models[i].zero_grad(set_to_none=True)
-                losses[i] = forward_backward(models[i], micro, amp_dtype, n_targets,
-                                             lambda loss: faults.corrupt_loss(step, loss, i, len(models)))
+    def train_step(self) -> bool:
+        """Step `self.step`; False if it rolled back instead (`self.step` is then the checkpoint's)."""
+        s, step, models, faults, detector = self.s, self.step, self.models, self.faults, self.detector
+        self.heartbeat.beat(step)
+        t0 = accel.timer(self.device)
+        faults.start_of_step(step, checkpoints=self.ckpt_root)
+        faults.corrupt_weights(step, models)
+        if detector.check_weights(step, models, self.optimizers):
+            self.step = self.rollback(step, detector.last_good)
+            return False
+        lr = lr_at(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        first = step * s.batch_size * s.grad_accum
+        micro = [make_batch([example_for(self.tasks, first + m * s.batch_size + j) for j in range(s.batch_size)],
+                            self.tokenizer, s.max_seq_len, self.device) for m in range(s.grad_accum)]
+        n_targets = sum(int(b.target_mask.sum()) for b in micro)
+        losses = [0.0] * len(models)
 
-            for i in range(len(models)):
-                compute(i)
-            faults.mid_step(step)
-            faults.corrupt_grads(step, models)
-            if detector.check_grads(step, models, losses, compute):
-                step = rollback(step, detector.last_good)
-                continue
-            clip = s.grad_clip if s.grad_clip > 0 else float("inf")
-            norms = [float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) for m in models]
-            grad_norm = norms[0]  # the same on every replica once the detector has had its say
-            verdict = guard.check(step, losses[0], grad_norm)
-            if verdict.action == "rollback":
-                incidents.record("skip", step, verdict.reason)
-                step = rollback(step, guard.trouble_start(step))
-                continue
-            if verdict.action == "update":
-                for optimizer in optimizers:
-                    optimizer.step()
-            else:
-                incidents.record("skip", step, verdict.reason)
-            for model in models:
-                model.zero_grad(set_to_none=True)
-            detector.remember_weights(step + 1, models)
-            elapsed = accel.timer(device) - t0
-            step_tokens = sum(b.tokens for b in micro)
-            tokens_total += step_tokens
-            busy_seconds += elapsed
-            useful_seconds += elapsed
-            step += 1
-            if step % s.log_every == 0 or step == s.steps:
-                append_metrics(run_dir, {"phase": "sft", "step": step, "loss": losses[0], "lr": lr,
-                                         "grad_norm": grad_norm, "tokens_per_s": step_tokens / elapsed,
-                                         "time": time.time()})
-            bar.update(1, loss=losses[0], lr=lr)
-            if step % s.checkpoint_every == 0 or step == s.steps or step == stop_after:
-                checkpoint(step)
-            if step == stop_after:
-                break
-        if s.steps == 0 or (start == s.steps and latest is None):
-            checkpoint(s.steps)
-    except DeviceFault as exc:
-        incidents.record("device_fault", step, str(exc))
-        raise
-    finally:
-        if saver is not None:
-            saver.wait()
-    bar.close()
-    heartbeat.idle(step)
-    return {"steps": s.steps, "resumed_from": start, "device": str(device),
-            "device_kind": accel.device_kind(device), "seconds": busy_seconds, "tokens": tokens_total,
-            "tokens_per_s": tokens_total / busy_seconds if busy_seconds else None,
-            "flops": estimate_train_flops(models[0].config, tokens_total),
-            "parameters": models[0].config.num_parameters(),
-            "useful_seconds": useful_seconds, "checkpoint_seconds": checkpoint_seconds,
-            "incidents": dict(incidents.counts)}
+        def compute(i: int) -> None:
+            models[i].zero_grad(set_to_none=True)
+            losses[i] = forward_backward(models[i], micro, self.amp_dtype, n_targets,
+                                         lambda loss: faults.corrupt_loss(step, loss, i, len(models)))
+
+        for i in range(len(models)):
+            compute(i)
+        faults.mid_step(step)
+        faults.corrupt_grads(step, models)
+        if detector.check_grads(step, models, losses, compute):
+            self.step = self.rollback(step, detector.last_good)
+            return False
+        grad_norm = self.apply(step, losses[0])
+        if grad_norm is None:
+            return False
+        detector.remember_weights(step + 1, models)
+        self.record(step + 1, losses[0], lr, grad_norm, sum(b.tokens for b in micro), accel.timer(self.device) - t0)
+        return True
+
+    def apply(self, step: int, loss: float) -> float | None:
+        """Clip, ask the guard, and update every replica (or skip); returns the gradient norm, or
+        None when the guard rolled back."""
+        clip = self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
+        norms = [float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) for m in self.models]
+        grad_norm = norms[0]  # the same on every replica once the detector has had its say
+        verdict = self.guard.check(step, loss, grad_norm)
+        if verdict.action == "rollback":
+            self.incidents.record("skip", step, verdict.reason)
+            self.step = self.rollback(step, self.guard.trouble_start(step))
+            return None
+        if verdict.action == "update":
+            for optimizer in self.optimizers:
+                optimizer.step()
+        else:
+            self.incidents.record("skip", step, verdict.reason)
+        for model in self.models:
+            model.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def record(self, step: int, loss: float, lr: float, grad_norm: float, step_tokens: int, elapsed: float) -> None:
+        """The step is done: totals, metrics, progress."""
+        s = self.s
+        self.tokens_total += step_tokens
+        self.busy_seconds += elapsed
+        self.useful_seconds += elapsed
+        self.step = step
+        if step % s.log_every == 0 or step == s.steps:
+            append_metrics(self.run_dir, {"phase": "sft", "step": step, "loss": loss, "lr": lr,
+                                          "grad_norm": grad_norm, "tokens_per_s": step_tokens / elapsed,
+                                          "time": time.time()})
+        self.bar.update(1, loss=loss, lr=lr)
+
+    def summary(self, start: int) -> dict:
+        s, config, busy = self.s, self.models[0].config, self.busy_seconds
+        return {"steps": s.steps, "resumed_from": start, "device": str(self.device),
+                "device_kind": accel.device_kind(self.device), "seconds": busy, "tokens": self.tokens_total,
+                "tokens_per_s": self.tokens_total / busy if busy else None,
+                "flops": estimate_train_flops(config, self.tokens_total),
+                "parameters": config.num_parameters(),
+                "useful_seconds": self.useful_seconds, "checkpoint_seconds": self.checkpoint_seconds,
+                "incidents": dict(self.incidents.counts)}

@@ -1,0 +1,60 @@
+"""/metrics in Prometheus' text format, kept by `prometheus_client`.
+
+Counters of tokens and of ended or refused sequences, HTTP responses by path and status, two
+latency histograms (time to first token, time between tokens), and gauges read when scraped
+(`live`: the engine thread's snapshots and the admission count). Each app has its own registry,
+not prometheus_client's global one, so several apps can live in one process (the tests do).
+prometheus_client also writes a `<counter>_created` sample (the counter's start time) beside each
+`<counter>_total`, as every Prometheus client library does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# name (after "tandem_") -> (help, value), and the engine's step count
+Live = Callable[[], tuple[dict[str, tuple[str, float]], int]]
+
+
+class Metrics:
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+
+    def __init__(self, live: Live):
+        self.registry = registry = CollectorRegistry()
+        self.responses = Counter("tandem_http_responses_total", "HTTP responses by path and status.",
+                                 ("path", "status"), registry=registry)
+        self.prompt_tokens = Counter("tandem_prompt_tokens_total", "Prompt tokens of admitted requests.",
+                                     registry=registry)
+        self.generation_tokens = Counter("tandem_generation_tokens_total", "Tokens generated.", registry=registry)
+        self.cancelled = Counter("tandem_requests_cancelled_total",
+                                 "Sequences ended early (client gone, error, shutdown).", registry=registry)
+        self.rejected = Counter("tandem_requests_rejected_total", "Requests answered 429 (server full).",
+                                registry=registry)
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Request arrival to its first generated token.",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=registry)
+        registry.register(_LiveCollector(live))
+
+    def response(self, path: str, status: int) -> None:
+        self.responses.labels(path if path in self.PATHS else "other", str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """The values read at scrape time: the gauges, and the engine's step counter (kept by the
+    engine thread, which knows nothing of metrics)."""
+
+    def __init__(self, live: Live):
+        self.live = live
+
+    def collect(self):
+        gauges, steps = self.live()
+        yield CounterMetricFamily("tandem_engine_steps_total", "Engine decode steps run.", value=steps)
+        for name, (help, value) in gauges.items():
+            yield GaugeMetricFamily(f"tandem_{name}", help, value=value)
