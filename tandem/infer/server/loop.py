@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -20,8 +20,6 @@ from tandem.errors import TandemError
 from tandem.infer.engine import Engine
 from tandem.infer.server.protocol import APIError
 
-if TYPE_CHECKING:
-    from tandem.infer.server.app import ServerState
 
 log = logging.getLogger("tandem.serve")
 
@@ -186,7 +184,7 @@ async def drain(app: FastAPI, timeout: float) -> None:
     """A graceful stop: admit nothing new (503), give the running requests `timeout` seconds to
     finish, then end the rest with a 503: an OpenAI JSON error, or on a stream an error event and
     `data: [DONE]`. Returns once every request has had its answer handed over."""
-    state: ServerState = app.state.tandem
+    state = app.state.tandem  # app.ServerState (not imported: app imports this module)
     state.closing = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -9,7 +9,6 @@ import itertools
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -19,8 +18,6 @@ from tandem.infer.server.loop import EngineLoop, Job
 from tandem.infer.server.protocol import APIError, error_body
 from tandem.infer.server.text import ReasoningSplitter, TextStream
 
-if TYPE_CHECKING:
-    from tandem.infer.server.app import ServerState
 
 DONE = "data: [DONE]\n\n"                                # the last event of every stream
 _json = json.JSONEncoder(ensure_ascii=False).encode    # json.dumps(obj, ensure_ascii=False), one encoder
@@ -144,9 +141,10 @@ class Choice:
 
 
 class Run:
-    """The sequences of one request (n choices per prompt): admitted at construction, or 429."""
+    """The sequences of one request (n choices per prompt): admitted at construction, or 429.
+    `state` is the app's app.ServerState (not imported here: app imports this module)."""
 
-    def __init__(self, state: ServerState, engine_loop: EngineLoop, prompts: list[list[int]],
+    def __init__(self, state, engine_loop: EngineLoop, prompts: list[list[int]],
                  params: list[SamplingParams], n: int, stops: list[str], chat: bool):
         total = n * len(prompts)
         if total > state.capacity():
