@@ -2,20 +2,27 @@
 
     tandem serve --model runs/demo                           # http://127.0.0.1:8000/ (chat page)
     tandem serve --model runs/demo --backend torch:cpu:bf16 --port 9000 --max-batch 64
+    TANDEM_API_KEY=k1,k2 tandem serve --model runs/demo --host 0.0.0.0   # clients send 'Bearer k1'
 
 The port is bound before anything is announced (a taken port is one `error:` line, exit 2) and
 opens at once; the model loads in the background (endpoints answer 503 until it is ready).
-Ctrl-C stops accepting connections, lets in-flight requests finish for up to
---shutdown-timeout seconds, then ends the rest with a 503 (an error event on a stream). See
-tandem/infer/server/ for the API.
+Ctrl-C or SIGTERM drains: new requests get 503 with Retry-After, in-flight ones get up to
+--drain-timeout seconds (--shutdown-timeout is its older name) to finish, the rest end with a 503
+(an error event on a stream), and the command exits 0. API keys: --api-key (repeatable), else
+TANDEM_API_KEY (one key, or several separated by commas); with keys, every /v1/ route answers 401
+without `Authorization: Bearer <key>`; /health, /metrics and the chat page stay open. Without a
+key, listening on anything but loopback prints a warning. See tandem/infer/server/ for the API.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
+import os
 import socket
+import sys
 from pathlib import Path
 
 from tandem.errors import TandemError
@@ -36,9 +43,33 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
     p.add_argument("--seed", type=int, default=0, help="seeds requests that do not send one")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds in-flight requests get to finish on Ctrl-C (default 10)")
+    p.add_argument("--drain-timeout", "--shutdown-timeout", dest="drain_timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGTERM or Ctrl-C (default 10)")
+    p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ (repeatable; default: $TANDEM_API_KEY, "
+                        "comma-separated)")
     return p
+
+
+def _api_keys(flags: list[str] | None) -> tuple[str, ...]:
+    """The --api-key values, else those of TANDEM_API_KEY (comma-separated); none is empty."""
+    if flags is not None:
+        where, keys = "--api-key", flags
+    elif "TANDEM_API_KEY" in os.environ:
+        where, keys = "TANDEM_API_KEY", [k.strip() for k in os.environ["TANDEM_API_KEY"].split(",")]
+    else:
+        return ()
+    if not all(k.strip() for k in keys):
+        raise TandemError(f"{where} holds an empty API key; give a non-empty key (unset TANDEM_API_KEY to serve "
+                          f"without one)")
+    return tuple(keys)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _device_dtype(args) -> tuple[str, str]:
@@ -75,6 +106,9 @@ def cmd_serve(args) -> int:
             raise TandemError(f"{flag} must be >= {low}, got {value}")
     if not 0 <= args.port <= 65535:
         raise TandemError(f"--port must be between 0 and 65535, got {args.port}")
+    if not args.drain_timeout > 0:
+        raise TandemError(f"--drain-timeout must be > 0 seconds, got {args.drain_timeout}")
+    api_keys = _api_keys(args.api_keys)
     model = Path(args.model)
     if not model.exists():
         raise TandemError(f"model path not found: {model}")
@@ -95,7 +129,7 @@ def cmd_serve(args) -> int:
     logger.addHandler(logging.StreamHandler())
     name = args.name or model.resolve().name
     config = ServeConfig(name=name, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
-                         max_body_bytes=args.max_body_bytes, seed=args.seed)
+                         max_body_bytes=args.max_body_bytes, seed=args.seed, api_keys=api_keys)
     failed: list[Exception] = []
 
     def on_load_error(exc: Exception) -> None:
@@ -103,14 +137,17 @@ def cmd_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load_model(model, device, dtype), config, on_load_error)
-    server = uvicorn_server(app, args.shutdown_timeout, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn_server(app, args.drain_timeout, host=args.host, port=args.port, log_level="warning")
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]                 # the one the system picked for --port 0
     print(f"serving {name} on http://{args.host}:{port}/ (OpenAI API under /v1; loading the model...)",
           flush=True)
+    if not api_keys and not _is_loopback(args.host):
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can use the "
+              f"model; set --api-key or TANDEM_API_KEY", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:        # uvicorn re-raises Ctrl-C once it has shut down gracefully
+    except KeyboardInterrupt:        # uvicorn re-raises Ctrl-C (or SIGTERM, see uvicorn_server) once it has drained
         pass
     if failed:
         raise failed[0] if isinstance(failed[0], TandemError) else TandemError(f"loading the model failed: {failed[0]}")

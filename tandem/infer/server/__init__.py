@@ -5,16 +5,18 @@
          -d '{"model": "demo", "messages": [{"role": "user", "content": "What is 12 + 7?"}]}'
 
     app = create_app(lambda: load_model("runs/demo"), ServeConfig(name="demo"))   # any ASGI server
-    uvicorn_server(app, shutdown_timeout=10, port=8000).run()       # with a draining Ctrl-C
+    uvicorn_server(app, shutdown_timeout=10, port=8000).run()       # Ctrl-C and SIGTERM drain
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text), GET / (the chat page in web/), GET /openapi.json. Beyond
 OpenAI's parameters: top_k and ignore_eos (as vLLM). Errors are OpenAI's JSON shape
 {"error": {"message", "type", "param", "code"}}: 400 bad body / parameter / model name / prompt
-longer than the context, 404/405 wrong route, 413 body over max_body_bytes, 429 full, 503 while
+longer than the context, 401 a /v1/ request without a configured API key (ServeConfig.api_keys;
+code invalid_api_key), 404/405 wrong route, 413 body over max_body_bytes, 429 full, 503 while
 the model loads or the server stops (requests still running when a shutdown's grace period ends
 get it too, as JSON or as a stream's error event before `data: [DONE]`: see drain), 500 only if
-generation itself fails.
+generation itself fails. /health answers {"status": ...}: ok or degraded (the engine thread is
+recovering from a failed step) with 200; loading, draining or failed with 503 and the error.
 
 How a request flows. The handler (asyncio) validates the body, renders the ChatML prompt, and
 turns each of the `n` choices into a `Job`. ONE background thread owns the engine: it takes jobs

@@ -1,8 +1,10 @@
 """The ASGI app: `create_app` wires the model loader, the error handlers, the limits middleware
-and the routes; requests are checked against the loaded model here, then handed to `Run`."""
+(API keys, body size) and the routes; requests are checked against the loaded model here, then
+handed to `Run`."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
 from tandem.errors import TandemError
@@ -20,7 +22,7 @@ from tandem.infer.engine import Engine, SamplingParams
 from tandem.infer.server.loop import EngineLoop
 from tandem.infer.server.metrics import Metrics
 from tandem.infer.server.protocol import (APIError, ChatRequest, CompletionRequest, _check_unsupported, _Sampling,
-                                          _stops, install_error_handlers)
+                                          _stops, error_body, install_error_handlers)
 from tandem.infer.server.run import EventStream, Run
 from tandem.infer.server.text import TokenInfo
 
@@ -36,6 +38,7 @@ class ServeConfig:
     max_len: int | None = None       # context length; None: the model's, capped at 4096
     max_body_bytes: int = 1 << 20    # larger request bodies get 413
     seed: int = 0
+    api_keys: tuple[str, ...] = ()   # when set, every /v1/ route wants `Authorization: Bearer <one of them>`
 
 
 class ServerState:
@@ -53,15 +56,23 @@ class ServerState:
         self.closing = False
         self.created = int(time.time())
 
-    def ready(self) -> EngineLoop:
+    def unavailable(self) -> APIError | None:
+        """Why no request can be served now (a 503), or None."""
         if self.load_error:
-            raise APIError(503, f"the model failed to load: {self.load_error}", "service_unavailable",
-                           code="model_load_failed")
+            return APIError(503, f"the model failed to load: {self.load_error}", "service_unavailable",
+                            code="model_load_failed")
         if self.closing:
-            raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+            return APIError(503, "the server is shutting down; retry on another replica or once it is back",
+                            "service_unavailable", code="shutting_down", headers={"retry-after": "5"})
         if self.engine_loop is None:
-            raise APIError(503, "the model is still loading; retry in a few seconds", "service_unavailable",
-                           code="model_loading", headers={"retry-after": "2"})
+            return APIError(503, "the model is still loading; retry in a few seconds", "service_unavailable",
+                            code="model_loading", headers={"retry-after": "2"})
+        return None
+
+    def ready(self) -> EngineLoop:
+        error = self.unavailable()
+        if error is not None:
+            raise error
         return self.engine_loop
 
     def capacity(self) -> int:
@@ -96,12 +107,14 @@ class ServerState:
     def live(self) -> tuple[dict[str, tuple[str, float]], int]:
         """The gauges of /metrics, read when it is scraped, and the engine's step count."""
         engine_loop = self.engine_loop
-        gauges = {"requests_inflight": ("Admitted sequences not finished yet.", self.inflight),
+        gauges = {"degraded": ("1 while the engine thread recovers from a failed step.",
+                               int(bool(engine_loop and engine_loop.recovering))),
+                  "requests_inflight": ("Admitted sequences not finished yet.", self.inflight),
                   "requests_running": ("Sequences holding an engine slot.", engine_loop.running if engine_loop else 0),
                   "queue_depth": ("Admitted sequences waiting for an engine slot.",
                                   max(0, self.inflight - engine_loop.running) if engine_loop else 0),
                   "model_loaded": ("1 once the model is ready.", int(engine_loop is not None))}
-        return gauges, engine_loop.steps if engine_loop else 0
+        return gauges, engine_loop
 
 
 def create_app(load: Callable[[], Any], config: ServeConfig | None = None,
@@ -138,11 +151,17 @@ def _add_status_routes(app: FastAPI, state: ServerState) -> None:
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
 
-    @app.get("/health", summary="200 when the model is loaded and serving, 503 otherwise")
+    @app.get("/health", summary="200 with status ok, or degraded while the engine recovers from a failed step; "
+                                "503 with status loading, draining or failed, and an OpenAI error. Needs no API key.")
     async def health():
-        engine_loop = state.ready()
-        return {"status": "ok", "model": config.name, "running": engine_loop.running,
-                "waiting": engine_loop.waiting, "inflight": state.inflight}
+        error = state.unavailable()
+        if error is not None:
+            status = {"model_load_failed": "failed", "shutting_down": "draining"}.get(error.code, "loading")
+            return JSONResponse({"status": status, **error_body(error.message, error.type, error.param, error.code)},
+                                503, headers=error.headers)
+        engine_loop = state.engine_loop
+        return {"status": "degraded" if engine_loop.recovering else "ok", "model": config.name,
+                "running": engine_loop.running, "waiting": engine_loop.waiting, "inflight": state.inflight}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics():
@@ -189,8 +208,9 @@ async def _answer(run: Run, body: _Sampling, request: Request):
 
 
 class _Limits:
-    """ASGI middleware: 413 for bodies over max_body_bytes (read up front, then replayed), and the
-    per-path response counts in /metrics."""
+    """ASGI middleware: 401 for a /v1/ request without a configured API key (before its body is
+    read), 413 for bodies over max_body_bytes (read up front, then replayed), and the per-path
+    response counts in /metrics."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -204,6 +224,9 @@ class _Limits:
             if message["type"] == "http.response.start":
                 self.state.metrics.response(path, message["status"])
             await send(message)
+
+        if path.startswith("/v1/") and not _authorized(scope, self.state.config.api_keys):
+            return await _BAD_KEY.response()(scope, receive, counted_send)
 
         if scope["method"] in ("POST", "PUT", "PATCH"):
             chunks, size, more = [], 0, True
@@ -228,6 +251,22 @@ class _Limits:
                 return await receive()
             return await self.app(scope, replay, counted_send)
         return await self.app(scope, receive, counted_send)
+
+
+_BAD_KEY = APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>' with a "
+                         "key the server was started with (--api-key or TANDEM_API_KEY)",
+                    code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+
+
+def _authorized(scope, keys: tuple[str, ...]) -> bool:
+    """True without keys, else when the Authorization header is `Bearer <a key>`; every key is
+    compared in constant time (hmac.compare_digest), none skipped, so timing tells nothing."""
+    if not keys:
+        return True
+    header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+    scheme, _, token = header.partition(b" ")
+    matches = [hmac.compare_digest(token.strip(), key.encode()) for key in keys]
+    return scheme.lower() == b"bearer" and any(matches)
 
 
 def _check_model(state: ServerState, body: _Sampling) -> EngineLoop:

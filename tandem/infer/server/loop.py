@@ -1,6 +1,7 @@
 """The engine thread (`EngineLoop`): the one thread that runs `engine.step()`, rebuilding the
-engine when a failed step leaves it broken, and the server's graceful stop (`drain`,
-`uvicorn_server`) that ends the requests it still runs."""
+engine when a failed step leaves it broken (and counting those faults for /metrics and /health),
+and the server's graceful stop (`drain`, `uvicorn_server`: on Ctrl-C or SIGTERM) that ends the
+requests it still runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import gc
 import logging
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -49,6 +51,9 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.running = self.waiting = 0          # snapshots for /metrics and /health
         self.steps = 0
+        self.faults = self.failed = 0            # failed steps, and the sequences they ended
+        self.rebuilds, self.rebuild_seconds = 0, 0.0     # engines rebuilt, and the seconds that took
+        self.recovering = False                  # between a failed step and the loop being able to serve again
         self.thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
 
     def start(self) -> None:
@@ -106,8 +111,10 @@ class EngineLoop:
                     failure, outputs = APIError(500, f"generation failed: {exc}", "server_error"), []
                 if failure is not None:  # outside the except: its traceback no longer pins the step's tensors
                     engine = None        # nor does this frame pin the engine, should _drop rebuild it
+                    self.faults, self.failed, self.recovering = self.faults + 1, self.failed + len(jobs), True
                     self._fail(jobs.values(), failure)
                     self._drop(jobs)
+                    self.recovering = False
                 self.steps += 1
                 now = time.perf_counter()
                 batch = []
@@ -129,7 +136,9 @@ class EngineLoop:
             broken = True
         jobs.clear()
         if broken:  # outside the except, whose traceback would keep the old engine alive
+            t0 = time.perf_counter()
             self._rebuild()
+            self.rebuilds, self.rebuild_seconds = self.rebuilds + 1, self.rebuild_seconds + time.perf_counter() - t0
 
     def _rebuild(self) -> None:
         """Replace the engine by a fresh one of the same shape, freeing the old KV cache first (the
@@ -181,9 +190,9 @@ def _as_api_error(exc: Exception) -> APIError:
 
 
 async def drain(app: FastAPI, timeout: float) -> None:
-    """A graceful stop: admit nothing new (503), give the running requests `timeout` seconds to
-    finish, then end the rest with a 503: an OpenAI JSON error, or on a stream an error event and
-    `data: [DONE]`. Returns once every request has had its answer handed over."""
+    """A graceful stop: admit nothing new (503 with Retry-After), give the running requests
+    `timeout` seconds to finish, then end the rest with a 503: an OpenAI JSON error, or on a stream
+    an error event and `data: [DONE]`. Returns once every request has had its answer handed over."""
     state = app.state.tandem  # app.ServerState (not imported: app imports this module)
     state.closing = True
     loop = asyncio.get_running_loop()
@@ -199,17 +208,20 @@ async def drain(app: FastAPI, timeout: float) -> None:
 
 
 def uvicorn_server(app: FastAPI, shutdown_timeout: float, **config):
-    """A uvicorn.Server for create_app()'s app whose Ctrl-C stops listening, then drains (above):
-    uvicorn alone would cancel the requests still running at its timeout, answering a plain-text
-    500 or cutting a stream short, and log each cancelled task's traceback."""
+    """A uvicorn.Server for create_app()'s app whose Ctrl-C or SIGTERM drains (above) while still
+    listening, so a request that arrives meanwhile gets a 503 it can retry elsewhere rather than a
+    refused connection, then stops listening. uvicorn alone would stop listening at once, cancel
+    the requests still running at its timeout (a plain-text 500, or a stream cut short) and log
+    each cancelled task's traceback. SIGTERM (what orchestrators send) is handled as Ctrl-C, so
+    that `tandem serve` exits 0 after it (uvicorn re-raises the signal once it has stopped)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(signal.SIGINT if sig == signal.SIGTERM else sig, frame)
+
         async def shutdown(self, sockets=None) -> None:
-            for server in self.servers:
-                server.close()
             await drain(app, shutdown_timeout)
-            await super().shutdown(sockets)
+            await super().shutdown(sockets)           # stops listening, closes idle connections
 
     return Server(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout, **config))
-

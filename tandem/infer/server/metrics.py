@@ -1,8 +1,9 @@
 """/metrics in Prometheus' text format, kept by `prometheus_client`.
 
 Counters of tokens and of ended or refused sequences, HTTP responses by path and status, two
-latency histograms (time to first token, time between tokens), and gauges read when scraped
-(`live`: the engine thread's snapshots and the admission count). Each app has its own registry,
+latency histograms (time to first token, time between tokens), and values read when scraped
+(`live`: the admission count and the engine thread's snapshots and fault counts: failed steps,
+the sequences they failed, engine rebuilds and the seconds those took, as a summary). Each app has its own registry,
 not prometheus_client's global one, so several apps can live in one process (the tests do).
 prometheus_client also writes a `<counter>_created` sample (the counter's start time) beside each
 `<counter>_total`, as every Prometheus client library does.
@@ -10,13 +11,13 @@ prometheus_client also writes a `<counter>_created` sample (the counter's start 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-# name (after "tandem_") -> (help, value), and the engine's step count
-Live = Callable[[], tuple[dict[str, tuple[str, float]], int]]
+# name (after "tandem_") -> (help, value), and the EngineLoop (None while loading) for its counts
+Live = Callable[[], tuple[dict[str, tuple[str, float]], Any]]
 
 
 class Metrics:
@@ -47,14 +48,28 @@ class Metrics:
 
 
 class _LiveCollector:
-    """The values read at scrape time: the gauges, and the engine's step counter (kept by the
-    engine thread, which knows nothing of metrics)."""
+    """The values read at scrape time: the gauges, and the engine thread's counts (it keeps them
+    as plain numbers and knows nothing of metrics)."""
 
     def __init__(self, live: Live):
         self.live = live
 
     def collect(self):
-        gauges, steps = self.live()
-        yield CounterMetricFamily("tandem_engine_steps_total", "Engine decode steps run.", value=steps)
+        gauges, engine_loop = self.live()
+        counts = engine_loop or _NoEngine
+        yield CounterMetricFamily("tandem_engine_steps_total", "Engine decode steps run.", value=counts.steps)
+        yield CounterMetricFamily("tandem_engine_faults_total", "Engine steps that raised.", value=counts.faults)
+        yield CounterMetricFamily("tandem_requests_failed_total", "Sequences ended by a failed engine step.",
+                                  value=counts.failed)
+        yield CounterMetricFamily("tandem_engine_recoveries_total",
+                                  "Engines rebuilt after a failed step left them broken.", value=counts.rebuilds)
+        yield SummaryMetricFamily("tandem_engine_recovery_seconds", "Time taken by the engine rebuilds.",
+                                  count_value=counts.rebuilds, sum_value=counts.rebuild_seconds)
         for name, (help, value) in gauges.items():
             yield GaugeMetricFamily(f"tandem_{name}", help, value=value)
+
+
+class _NoEngine:
+    """The engine thread's counts before the model has loaded."""
+    steps = faults = failed = rebuilds = 0
+    rebuild_seconds = 0.0

@@ -2,17 +2,35 @@
 // read the server-sent events as they arrive, put delta.reasoning_content into the "Thinking"
 // block and delta.content into the answer. Stop aborts the fetch (the server then frees the
 // model's slot). The history sent back holds the answers only, not the thinking (DeepSeek's
-// convention). Served by `tandem serve` at /static/app.js; no build step.
+// convention). A server started with an API key answers 401: the page then asks for the key once,
+// keeps it in sessionStorage (this tab only) and sends it as `Authorization: Bearer <key>`.
+// Served by `tandem serve` at /static/app.js; no build step.
 
 const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("input"), send = $("send"), stop = $("stop");
 let model = null, history = [], controller = null;
+const KEY = "tandem-api-key";
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { authorization: `Bearer ${key}` } : {};
+}
 
 async function connect() {
-  // Wait for the model (the server answers 503 while it loads), then show its name.
+  // Wait for the model (the server answers 503 while it loads), then show its name; on 401 ask
+  // for the API key (again, if the one given was wrong).
   for (;;) {
     try {
-      const r = await fetch("/v1/models");
+      const r = await fetch("/v1/models", { headers: authHeaders() });
+      if (r.status === 401) {
+        const key = prompt(sessionStorage.getItem(KEY) ? "Wrong API key; try again:" : "This server needs an API key:");
+        if (!key) {
+          $("model").textContent = "this server needs an API key: reload the page to enter it";
+          return;
+        }
+        sessionStorage.setItem(KEY, key.trim());
+        continue;
+      }
       if (r.ok) {
         const info = (await r.json()).data[0];
         model = info.id;
@@ -108,7 +126,7 @@ async function ask(text) {
   let answer = "", usage = null, finish = null;
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "content-type": "application/json" },
+      method: "POST", headers: { "content-type": "application/json", ...authHeaders() },
       body: JSON.stringify(settings()), signal: controller.signal,
     });
     if (!response.ok) throw new Error(await errorText(response));
