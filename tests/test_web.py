@@ -7,7 +7,8 @@ Types a question into the page served by a live server (the memorising model fro
 test_server.py), watches the thinking and the answer stream in, checks the thinking sits in a
 collapsible block above the answer, and saves a screenshot (to $TANDEM_SCREENSHOT, else to the
 test's temp folder). A second test presses Stop mid-generation and checks the server freed the
-slot. Skips, saying why, where Chromium or the playwright package is missing (`make test`
+slot; a third, on a server with an API key, answers the page's key prompt (wrongly, then rightly)
+and chats. Skips, saying why, where Chromium or the playwright package is missing (`make test`
 installs Debian's chromium; `playwright install` is never needed).
 """
 
@@ -92,5 +93,29 @@ def test_stop_button_aborts_and_frees_the_slot(browser, tok):
         m = server.wait_idle(3.0)
         assert m["tandem_requests_inflight"] == 0 and m["tandem_requests_cancelled_total"] == 1
         assert m["tandem_generation_tokens_total"] < 80
+    finally:
+        server.stop()
+
+
+def test_page_asks_for_the_api_key_once_and_then_chats(browser, tok):
+    server = LiveServer(memorized_model(tok), tok, name="locked", api_keys=("sesame",)).start()
+    try:
+        page = browser.new_page()
+        answers, asked = iter(["wrong", "sesame"]), []
+
+        def on_dialog(dialog):
+            asked.append(dialog.message)
+            dialog.accept(next(answers))
+        page.on("dialog", on_dialog)
+        page.goto(server.url + "/")
+        sync_api.expect(page.locator("#model")).to_contain_text("locked")
+        assert asked == ["This server needs an API key:", "Wrong API key; try again:"]
+        assert page.evaluate("sessionStorage.getItem('tandem-api-key')") == "sesame"
+        page.fill("#input", QUESTION)
+        page.keyboard.press("Enter")
+        sync_api.expect(page.locator(".turn.assistant .answer")).to_have_text(ANSWER)
+        page.reload()                                        # the key is kept for the tab: no new prompt
+        sync_api.expect(page.locator("#model")).to_contain_text("locked")
+        assert len(asked) == 2
     finally:
         server.stop()
