@@ -259,8 +259,9 @@ _BAD_KEY = APIError(401, "a valid API key is required: send the header 'Authoriz
 
 
 def _authorized(scope, keys: tuple[str, ...]) -> bool:
-    """True without keys, else when the Authorization header is `Bearer <a key>`; every key is
-    compared in constant time (hmac.compare_digest), none skipped, so timing tells nothing."""
+    """True without keys, else when the Authorization header is `Bearer <a key>`. Every key is
+    compared, none skipped, with hmac.compare_digest: its time does not depend on where the bytes
+    differ (it may still reveal a length mismatch, as the documentation of compare_digest says)."""
     if not keys:
         return True
     header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
