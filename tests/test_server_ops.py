@@ -176,16 +176,17 @@ def test_serve_reads_api_keys_from_the_environment(tok, tmp_path):
 def test_sigterm_drains_finishes_streams_refuses_new_requests_and_exits_0(tok, tmp_path):
     """Two long streams run; SIGTERM; a request sent during the drain gets 503 + Retry-After (an
     OpenAI error) and /health says draining; both streams still end with all their tokens; exit 0.
-    The model is big enough and the streams long enough (2 x 600 steps) to outlast the probes."""
+    The model is big enough and the streams long enough (2 x 1200 steps, a few seconds even on a fast
+    CPU) to outlast the probes, which take a few tens of milliseconds."""
     config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1536)
     model = Transformer(config)
     model.reset_parameters(seed=0)
     folder = save_as_checkpoint(model, tok, tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = serve(folder, port, "--name", "big", "--drain-timeout", "120")
-    body = {"model": "big", "messages": MESSAGES, "max_tokens": 600, "ignore_eos": True, "stream": True,
+    body = {"model": "big", "messages": MESSAGES, "max_tokens": 1200, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     results: list = [None, None]
     started = [threading.Event(), threading.Event()]
@@ -228,7 +229,7 @@ def test_sigterm_drains_finishes_streams_refuses_new_requests_and_exits_0(tok, t
             proc.kill()
     for status, lines in results:
         assert status == 200 and lines[-1] == "data: [DONE]"
-        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 600      # finished, not cut
+        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 1200     # finished, not cut
     assert "stopped" in out and "Traceback" not in err, err
 
 
