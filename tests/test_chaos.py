@@ -42,8 +42,8 @@ def test_chaos_mistakes_are_one_line_errors(tmp_path, capsys):
 
 
 def test_grpo_survives_trainer_and_rollout_worker_kills(tmp_path):
-    """Sync-mode GRPO: the trainer killed mid-step and mid-checkpoint-write, a rollout worker killed
-    while it holds work; the final weights equal the uninterrupted run's, and they did move (on the
+    """Sync-mode GRPO: the trainer killed mid-step and mid-checkpoint-write, a rollout worker killed;
+    the final weights equal the uninterrupted run's, and they did move (on the
     coin-flip task group rewards differ on any machine; on addition a smoke model's 4 steps had
     only uniform groups in a few percent of runs, so the weights did not move)."""
     from tandem.config import load_config
@@ -57,10 +57,14 @@ def test_grpo_survives_trainer_and_rollout_worker_kills(tmp_path):
                                                  "run.threads=1"])
     init = prepare_run(tmp_path / "sft", cfg)
     train_sft(cfg, init, ensure_tokenizer(cfg, init, build_tasks(cfg)), build_tasks(cfg), progress=False)
-    settings = [task, "rl.mode=sync", "rl.steps=4", "rl.checkpoint_every=1", "rl.prompts_per_step=2",
+    # The worker kill lands at the start of step 2: holding that step's work, or (on a busy machine)
+    # already done with it, and then the trainer learns of the death when step 3's work reaches the
+    # dead worker. So the trainer's checkpoint kill comes a step later (4), not right after it (3),
+    # where a restart would replace the pool before anyone needed the dead worker.
+    settings = [task, "rl.mode=sync", "rl.steps=5", "rl.checkpoint_every=1", "rl.prompts_per_step=2",
                 "rl.group_size=4", "run.threads=1", "rollout.threads=1", "rollout.timeout=30"]
     result = run_tandem("chaos", "--init", init, "--preset", "smoke", "--out", tmp_path / "c", "--json",
-                        "--faults", "kill@1,rollout/kill@2,kill:ckpt@3", *sum((["--set", s] for s in settings), []),
+                        "--faults", "kill@1,rollout/kill@2,kill:ckpt@4", *sum((["--set", s] for s in settings), []),
                         timeout=240)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
