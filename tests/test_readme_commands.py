@@ -173,5 +173,7 @@ def test_readme_command(workdir, command, extra, codes):
         assert "tandem>" in result.stdout and "error" not in result.stderr, result.stdout + result.stderr
     if command.startswith("tandem sft --preset tiny --set sft.stpes"):
         assert "unknown config key 'sft.stpes'" in result.stderr
+    if command.startswith("tandem chaos"):       # the jobs wrote where the README says, and agree
+        assert "identical" in result.stdout and (workdir / "runs/chaos/chaos/checkpoints").is_dir(), result.stdout
     if "llamacpp" in command and result.returncode == 2:
         assert "pip install" in result.stderr

@@ -48,7 +48,6 @@ from tandem.train.checkpoint import latest_valid, load_checkpoint
 from tandem.resilience.faults import FAULTS_FILE, configured_faults, schedule_text
 from tandem.resilience.incidents import INCIDENTS_FILE, read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
 PROCESS_FAULTS = ("kill", "hang", "device_error", "ckpt_truncate", "ckpt_bitflip")  # each costs a restart
 DETECTED_BY = {"kill": ("crash",), "hang": ("hang",), "device_error": ("device_fault", "crash"),
                "nan": ("skip", "corruption"), "inf": ("skip", "corruption"), "spike": ("skip", "corruption"),
@@ -78,7 +77,7 @@ def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: in
                "--out", str(folder), "--quiet", "--supervise", "--max-restarts", str(max_restarts)]
     started = time.time()
     with open(folder.with_name(folder.name + ".log"), "w") as output:
-        returncode = subprocess.run(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT).returncode
+        returncode = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
     supervision = json.loads((folder / SUPERVISOR_FILE).read_text()) if (folder / SUPERVISOR_FILE).is_file() else {}
     attempts = supervision.get("attempts", [])
     if attempts:
