@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, table, write_section  # noqa: E402
+from benchmarks.common import environment, rel, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.runs import read_metrics, read_summary, remove_run  # noqa: E402
 from tandem.train.checkpoint import latest_valid  # noqa: E402
@@ -130,7 +130,7 @@ def part_modes(args) -> str:
     body = table(["RL config", "async disaggregated", "trainer waiting", "sync colocated, 1 thread",
                   "async / colocated", "sync colocated, 2 threads (async / it)"], rows)
     r = load_config(preset="tiny").rl
-    return (body + f"\n\nSamples/s over steps 3..{args.steps} of {args.steps}-step runs from {init}, {r.prompts_per_step} "
+    return (body + f"\n\nSamples/s over steps 3..{args.steps} of {args.steps}-step runs from {rel(init)}, {r.prompts_per_step} "
             f"prompts x {r.group_size} samples per step, bf16 rollouts. Async disaggregated: trainer and one worker "
             f"process, one thread each (two \"devices\"); sync colocated: one process whose roles take turns on one "
             f"thread (one device shared by both roles), or on two. Async overlaps generation (worker) with the update "

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench_grpo import BENCH, ensure_sft, steady_rate  # noqa: E402
-from benchmarks.common import environment, table, write_section  # noqa: E402
+from benchmarks.common import environment, rel, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.runs import read_metrics, remove_run  # noqa: E402
 
@@ -123,7 +123,7 @@ def main() -> None:
         rows.append([label, f"{rate:.0f}", f"**{rate / reference:.2f}x**", f"{mean(rewards[label][:5]):.3f}",
                      f"{mean(rewards[label][-5:]):.3f}"])
     body = table(["implementation", "samples/s", "vs TRL", "reward, first 5 steps", "reward, last 5 steps"], rows)
-    body += (f"\n\nSame start ({init}, exported to HF for TRL), task `{task.name}`, {PROMPTS} prompts x G={G}, <= {MAX_NEW} new tokens, "
+    body += (f"\n\nSame start ({rel(init)}, exported to HF for TRL), task `{task.name}`, {PROMPTS} prompts x G={G}, <= {MAX_NEW} new tokens, "
              f"{args.steps} steps, lr {cfg.rl.lr:g}, fp32, trl {trl.__version__}; samples/s over steps 3..{args.steps}. "
              f"Target: >= 2x TRL. {environment(args.threads)}.")
     print(body)

@@ -61,6 +61,12 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def rel(path) -> str:
+    """A path as the tables print it: relative to the repository when inside it (no machine's paths)."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def write_section(name: str, title: str, body: str, command: str | None = None) -> None:
     command = command or "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix()
                                                if Path(sys.argv[0]).is_absolute() else sys.argv[0]] + sys.argv[1:])
