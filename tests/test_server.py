@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
@@ -106,6 +107,30 @@ def _memorised_margin(model, x, y, w) -> float:
 
 def random_model(tok) -> Transformer:
     return _model(tok, seed=1).eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(folder: str, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--port", str(port),
+                             "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_healthy(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"tandem serve did not become healthy: {proc.poll()}")
 
 
 class LiveServer:
@@ -621,22 +646,11 @@ def save_as_checkpoint(model: Transformer, tok, root) -> str:
 
 def test_serve_command_end_to_end(memo, tok, tmp_path):
     folder = save_as_checkpoint(memo.state.engine_loop.engine.model, tok, tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--name", "memo",
-                             "--port", str(port), "--threads", "1", "--max-batch", "4", "--max-len", "2048"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    proc = serve(folder, port, "--name", "memo", "--max-batch", "4", "--max-len", "2048")
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="memo", messages=MESSAGES, temperature=0)
         assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (THINKING, ANSWER)
@@ -659,12 +673,8 @@ def test_ctrl_c_with_requests_running_answers_each_with_its_result_or_a_503(tok,
     model = Transformer(config)
     model.reset_parameters(seed=0)
     folder = save_as_checkpoint(model, tok, tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--name", "big",
-                             "--port", str(port), "--threads", "1", "--max-batch", "4", "--shutdown-timeout", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    proc = serve(folder, port, "--name", "big", "--max-batch", "4", "--shutdown-timeout", "1")
     url = f"http://127.0.0.1:{port}"
     body = {"model": "big", "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True}
 
@@ -676,14 +686,7 @@ def test_ctrl_c_with_requests_running_answers_each_with_its_result_or_a_503(tok,
             return r.status_code, [line for line in r.iter_lines() if line.startswith("data: ")]
 
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         with ThreadPoolExecutor(40) as pool:
             futures = [pool.submit(ask, i % 2 == 1) for i in range(40)]
             deadline = time.time() + 30

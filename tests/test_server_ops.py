@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,8 @@ import openai
 import pytest
 import torch
 
-from test_server import MESSAGES, LiveServer, build_tokenizer, error_json, random_model, save_as_checkpoint
+from test_server import (MESSAGES, LiveServer, build_tokenizer, error_json, free_port, random_model, save_as_checkpoint,
+                         serve, wait_healthy)
 from tandem.model import ModelConfig, Transformer
 
 
@@ -36,30 +36,6 @@ def tok():
 
 def client(url: str, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(folder: str, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", folder, "--port", str(port),
-                             "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def wait_healthy(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"tandem serve did not become healthy: {proc.poll()}")
 
 
 # -----------------------------------------------------------------------------------------------
