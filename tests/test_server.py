@@ -133,6 +133,15 @@ def wait_healthy(url: str, proc: subprocess.Popen) -> None:
     raise AssertionError(f"tandem serve did not become healthy: {proc.poll()}")
 
 
+def slow_checkpoint(tok, tmp_path, context: int) -> str:
+    """A checkpoint of a random model big enough that long replies take seconds on any CPU (shutdown
+    and drain tests need requests still running when the signal comes)."""
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
+    model = Transformer(config)
+    model.reset_parameters(seed=0)
+    return save_as_checkpoint(model, tok, tmp_path)
+
 class LiveServer:
     """create_app() under a real uvicorn on a free loopback port, in a background thread."""
 
@@ -668,11 +677,7 @@ def test_ctrl_c_with_requests_running_answers_each_with_its_result_or_a_503(tok,
     client gets its whole answer or an OpenAI 503 (a JSON error; on a stream an error event, then
     [DONE]), and the log holds no traceback. The model is big enough that the 40 cannot finish in
     the grace period on any CPU (the test checks that some were cut)."""
-    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = Transformer(config)
-    model.reset_parameters(seed=0)
-    folder = save_as_checkpoint(model, tok, tmp_path)
+    folder = slow_checkpoint(tok, tmp_path, context=512)
     port = free_port()
     proc = serve(folder, port, "--name", "big", "--max-batch", "4", "--shutdown-timeout", "1")
     url = f"http://127.0.0.1:{port}"

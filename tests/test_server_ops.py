@@ -24,8 +24,7 @@ import pytest
 import torch
 
 from test_server import (MESSAGES, LiveServer, build_tokenizer, error_json, free_port, random_model, save_as_checkpoint,
-                         serve, wait_healthy)
-from tandem.model import ModelConfig, Transformer
+                         serve, slow_checkpoint, wait_healthy)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +153,7 @@ def test_sigterm_drains_finishes_streams_refuses_new_requests_and_exits_0(tok, t
     OpenAI error) and /health says draining; both streams still end with all their tokens; exit 0.
     The model is big enough and the streams long enough (2 x 1200 steps, a few seconds even on a fast
     CPU) to outlast the probes, which take a few tens of milliseconds."""
-    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1536)
-    model = Transformer(config)
-    model.reset_parameters(seed=0)
-    folder = save_as_checkpoint(model, tok, tmp_path)
+    folder = slow_checkpoint(tok, tmp_path, context=1536)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = serve(folder, port, "--name", "big", "--drain-timeout", "120")
