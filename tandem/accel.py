@@ -7,6 +7,7 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     supported_dtypes(device)     -> ["fp32", "bf16", "fp16"] (what this device can compute in)
     resolve_dtype("bf16", dev)   -> torch.bfloat16, or DeviceError
     dist_backend(device)         -> "gloo" | "nccl" | "hccl" | "xccl"
+    can_shard(device)            whether FSDP2 can shard over ranks on this kind of device
     get_rng_state(dev)/set_rng_state(state, dev)  every RNG tandem touches (python, numpy, torch,
                                  and the one device `dev` trains on)
     set_device(dev)              make `dev` this process's current device (collectives, kernels)
@@ -278,6 +279,12 @@ def device_name(device: torch.device | str) -> str:
 def dist_backend(device: torch.device | str) -> str:
     """The torch.distributed backend for collectives among ranks on this kind of device."""
     return DIST_BACKENDS.get(torch.device(device).type, "gloo")
+
+
+def can_shard(device: torch.device | str) -> bool:
+    """Whether FSDP2 runs on this kind of device (its backend has reduce-scatter for its tensors):
+    not on mps, whose ranks would talk gloo over tensors gloo cannot read."""
+    return torch.device(device).type != "mps"
 
 
 def manual_seed(seed: int) -> None:

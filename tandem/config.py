@@ -31,6 +31,8 @@ class RunConfig:
     device: str = "auto"      # default device for every phase: auto|cpu|cuda[:i]|npu[:i]|xpu|mps
     deterministic: bool = True  # deterministic kernels (accel.set_deterministic): bitwise exact resume and
     #                             the corruption votes need them; false = faster GPU kernels, resume not bitwise
+    parallel: str = "ddp"     # SFT ranks under torchrun: ddp (replicated weights, summed gradients) |
+    #                           fsdp (FSDP2: weights, gradients, optimizer state sharded; sharded checkpoints)
 
 
 @dataclass
@@ -394,6 +396,7 @@ def validate(cfg: Config) -> None:
     _check(s.checkpoint_every >= 1, "sft.checkpoint_every", ">= 1", s.checkpoint_every)
     _check(s.keep_checkpoints >= 1, "sft.keep_checkpoints", ">= 1", s.keep_checkpoints)
     _check(s.dtype in ("fp32", "bf16"), "sft.dtype", TRAIN_DTYPES, s.dtype)
+    _check(cfg.run.parallel in ("ddp", "fsdp"), "run.parallel", "ddp, fsdp", cfg.run.parallel)
     _check(cfg.eval.dtype in ("fp32", "bf16", "fp16"), "eval.dtype", "fp32, bf16, fp16", cfg.eval.dtype)
     _check(len(cfg.data.tasks) >= 1, "data.tasks", "a non-empty list of task names", cfg.data.tasks)
     _check(s.max_seq_len <= m.max_position_embeddings, "sft.max_seq_len",

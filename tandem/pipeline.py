@@ -29,6 +29,7 @@ from tandem.runs import prepare_run, read_summary, update_summary
 from tandem.tasks import Task, get_task
 from tandem.tokenizer import ChatTokenizer, train_tokenizer
 from tandem.train.checkpoint import latest_valid
+from tandem.train.parallel import join_sft_ranks
 from tandem.train.sft import check_fits, train_sft
 
 
@@ -98,9 +99,19 @@ def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     init = load_sft_init(cfg)
     tokenizer = run_tokenizer(cfg, Path(out), tasks, init[1] if init else None)
     check_fits(cfg.sft.max_seq_len, tokenizer, tasks)  # before anything is written
-    run_dir = prepare_run(out, cfg)
-    save_tokenizer(tokenizer, run_dir)
-    stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress, init_weights=init[0] if init else None)
+    ranks = join_sft_ranks(cfg, Path(out))               # None in one process; checks its rules first
+    run_dir = Path(out)
+    if ranks is None or ranks.leader:                    # rank 0 alone writes the run folder
+        run_dir = prepare_run(out, cfg)
+        save_tokenizer(tokenizer, run_dir)
+    if ranks is not None:
+        ranks.barrier()
+    stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress, init_weights=init[0] if init else None,
+                      ranks=ranks)
+    if ranks is not None:
+        ranks.leave()
+        if not ranks.leader:
+            return run_dir
     if stats["resumed_from"] >= stats["steps"] and "sft" in read_summary(run_dir):
         return run_dir  # a rerun of a finished stage trained nothing: keep the figures of the run that did
     if init:

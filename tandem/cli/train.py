@@ -49,7 +49,8 @@ def cmd_sft(args) -> int:
         cfg.sft.init = args.init  # recorded in config.json: a rerun with another --init is refused
     run_dir = run_sft_stage(cfg, args.out, progress=not args.quiet)
     print(f"done: {run_dir}")
-    return 0
+    from tandem.train.parallel import launched_world
+    return exit_now(0) if launched_world() else 0
 
 
 def add_parser(sub) -> None:

@@ -10,6 +10,11 @@ A checkpoint is a folder `checkpoints/PHASE/step_NNNNNN/` holding
     tokenizer.json, tokenizer_config.json   so the folder alone is a usable model
     manifest.json          SHA-256 and size of every file above, written LAST
 
+FSDP ranks write sharded checkpoints instead (tandem/train/sharded_checkpoint.py): the two
+safetensors files are replaced by torch.distributed.checkpoint's shard files (one per rank) and its
+.metadata index, under the same manifest and commit; load_checkpoint reads their whole weights in
+one process (read_sharded_weights), so eval, export, serve and inspect take either kind.
+
 It is written into a hidden temp folder, every file fsynced, the manifest written, then the folder
 renamed into place (atomic on POSIX) and the parent fsynced. A folder without a manifest, or whose
 files do not match it, is not a checkpoint: loading skips it with a warning and falls back to the
@@ -31,6 +36,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from tandem.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"   # the index torch.distributed.checkpoint writes beside its shard files
 
 
 def fsync_dir(path: Path) -> None:
@@ -139,7 +146,6 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -151,18 +157,37 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
         save_safetensors(tensors, tmp / "optimizer.safetensors")
         state["optimizer"] = meta
     (tmp / "train_state.json").write_text(json.dumps(state))
+    write_extra_files(tmp, extra_files)
+    return commit(tmp, root, step, keep, before_commit)
+
+
+def write_extra_files(folder: Path, extra_files: dict[str, Path | bytes] | None) -> None:
     for name, source in (extra_files or {}).items():
         if isinstance(source, bytes):
-            (tmp / name).write_bytes(source)
+            (folder / name).write_bytes(source)
         else:
-            shutil.copyfile(source, tmp / name)
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        _fsync_file(tmp / name)
+            shutil.copyfile(source, folder / name)
+
+
+def file_entry(path: Path) -> dict:
+    """A manifest entry: the file fsynced, then its SHA-256 and size."""
+    _fsync_file(path)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def commit(tmp: Path, root: Path, step: int, keep: int, before_commit: Callable[[], None] | None = None,
+           hashed: dict[str, dict] | None = None) -> Path:
+    """Commit the files written in temp folder `tmp` as checkpoint `step`: fsync, the manifest LAST,
+    the atomic rename, prune. hashed: entries already made by file_entry (by the ranks that wrote
+    those files, in parallel); every other file of the folder is hashed here."""
+    final = root / step_dir_name(step)
+    files = dict(hashed or {})
+    for name in sorted(p.name for p in tmp.iterdir()):
+        if name not in files:
+            files[name] = file_entry(tmp / name)
     if before_commit is not None:
         before_commit()
-    manifest = {"step": step, "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
-                                        for n in files}}
+    manifest = {"step": step, "files": dict(sorted(files.items()))}
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / MANIFEST)
@@ -276,11 +301,28 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> dict:
         if reason:
             raise CheckpointError(f"checkpoint {folder} is not usable: {reason}")
     train_state = json.loads((folder / "train_state.json").read_text())
+    if (folder / DCP_METADATA).is_file():   # written by FSDP ranks (tandem/train/sharded_checkpoint.py)
+        return {"model": read_sharded_weights(folder), "optimizer": None, "train_state": train_state, "folder": folder}
     optimizer = None
     if (folder / "optimizer.safetensors").is_file() and "optimizer" in train_state:
         optimizer = unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), train_state["optimizer"])
     return {"model": load_file(str(folder / "model.safetensors")), "optimizer": optimizer,
             "train_state": train_state, "folder": folder}
+
+
+def read_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded (torch.distributed.checkpoint) checkpoint, in this one
+    process, whatever world size wrote it: each tensor is allocated whole from DCP's metadata and
+    filled from the shards (the optimizer state is not read: eval, export and serve need none)."""
+    import torch.distributed.checkpoint as dcp
+    reader = dcp.FileSystemReader(str(folder))
+    meta = reader.read_metadata().state_dict_metadata
+    weights = {key[len("model."):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+               for key, entry in meta.items() if key.startswith("model.")}
+    with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
 
 
 def to_host(value):

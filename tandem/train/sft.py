@@ -39,6 +39,8 @@ from tandem.progress import Progress, log
 from tandem.runs import append_metrics, truncate_metrics
 from tandem.tasks import Task
 from tandem.tokenizer import ChatTokenizer
+from tandem.train import sharded_checkpoint
+from tandem.train.parallel import Ranks
 from tandem.train.checkpoint import (AsyncCheckpointer, discard_newer, latest_valid, load_checkpoint,
                                      save_checkpoint)
 from tandem.resilience.faults import DeviceFault, FaultInjector
@@ -132,15 +134,16 @@ def new_model(cfg: Config, vocab_size: int, device, seed: int) -> Transformer:
 
 def train_sft(cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[Task],
               progress: bool = True, stop_after: int | None = None,
-              init_weights: dict[str, torch.Tensor] | None = None) -> dict:
+              init_weights: dict[str, torch.Tensor] | None = None, ranks: Ranks | None = None) -> dict:
     """Run (or resume) SFT in run_dir; returns timing/throughput figures for the summary.
 
     stop_after: return right after step `stop_after` is done and checkpointed, as if the process
     had been interrupted there (tests of exact resume use it).
     init_weights: the weights step 0 starts from (sft.init) instead of a seeded random init; the
     optimizer starts fresh and the schedule (warmup + cosine) spans this run's sft.steps.
+    ranks: this process's place among data-parallel ranks under torchrun (tandem/train/parallel.py).
     """
-    return SFTTrainer(cfg, Path(run_dir), tokenizer, tasks, init_weights).run(progress, stop_after)
+    return SFTTrainer(cfg, Path(run_dir), tokenizer, tasks, init_weights, ranks).run(progress, stop_after)
 
 
 class SFTTrainer:
@@ -148,12 +151,12 @@ class SFTTrainer:
     replica, vet the gradients, the guard's verdict, the update, metrics, checkpoint)."""
 
     def __init__(self, cfg: Config, run_dir: Path, tokenizer: ChatTokenizer, tasks: list[Task],
-                 init_weights: dict[str, torch.Tensor] | None):
+                 init_weights: dict[str, torch.Tensor] | None, ranks: Ranks | None = None):
         s, r = cfg.sft, cfg.resilience
         self.cfg, self.s, self.run_dir, self.tokenizer, self.tasks = cfg, s, run_dir, tokenizer, tasks
-        self.init_weights = init_weights
+        self.init_weights, self.ranks, self.leader = init_weights, ranks, ranks is None or ranks.leader
         accel.set_threads(cfg.run.threads)
-        self.device = device = accel.resolve_device(cfg.device_for("sft"))
+        self.device = device = ranks.device if ranks else accel.resolve_device(cfg.device_for("sft"))
         accel.set_device(device)
         accel.set_deterministic(device, cfg.run.deterministic)
         self.amp_dtype = accel.resolve_dtype(s.dtype, device)
@@ -161,15 +164,18 @@ class SFTTrainer:
         # compared with it (resilience.replicas: identical copies fed identical batches).
         self.models = [new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)]
         self.models += [copy.deepcopy(self.models[0]) for _ in range(r.replicas - 1)]
+        if ranks is not None:
+            ranks.shard(self.models[0])   # FSDP2 (before the optimizer sees the parameters)
         self.optimizers = [build_optimizer(m, s) for m in self.models]
         self.ckpt_root = run_dir / "checkpoints" / "sft"
         self.tokenizer_files = {n: run_dir / "tokenizer" / n for n in ("tokenizer.json", "tokenizer_config.json")}
-        self.incidents = Incidents(run_dir)
-        self.faults = FaultInjector.from_config(r, s.steps, run_dir)
+        self.incidents = Incidents(run_dir, write=self.leader)
+        self.faults = FaultInjector.from_config(r, s.steps, run_dir, rank=ranks.rank if ranks else 0,
+                                                ranks=ranks.world if ranks else 1)
         self.guard = StepGuard.from_config(r)
         self.detector = CorruptionDetector(r.check_every, self.incidents)
         self.heartbeat = Heartbeat(run_dir)
-        self.saver = AsyncCheckpointer() if r.async_checkpoint else None
+        self.saver = AsyncCheckpointer() if r.async_checkpoint and self.leader else None
         # Time spent in the steps of the run's surviving timeline, carried in checkpoints: steps redone
         # after a crash or a rollback count once (goodput = useful_seconds / wall time, tandem chaos).
         self.useful_seconds = 0.0
@@ -184,7 +190,10 @@ class SFTTrainer:
         cfg, device, guard = self.cfg, self.device, self.guard
         if folder is None:
             for model, optimizer in zip(self.models, self.optimizers):
-                if self.init_weights is None:
+                if self.ranks is not None and self.ranks.kind == "fsdp":  # each rank: its shard of the start
+                    self.ranks.load_full_state(model, self.init_weights or new_model(
+                        cfg, self.tokenizer.vocab_size, device, cfg.run.seed).checkpoint_state())
+                elif self.init_weights is None:
                     model.reset_parameters(cfg.run.seed)
                 else:
                     model.load_checkpoint_state({k: v.to(device) for k, v in self.init_weights.items()})
@@ -192,12 +201,15 @@ class SFTTrainer:
             accel.manual_seed(cfg.run.seed)
             guard.reset()
             step, self.useful_seconds = 0, 0.0
+        elif sharded_checkpoint.is_sharded(folder):
+            state = sharded_checkpoint.load_into(folder, self.models[0], self.optimizers[0])
         else:
             ckpt = load_checkpoint(folder)
             for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
                 model.load_checkpoint_state({k: v.to(device) for k, v in ckpt["model"].items()})
                 optimizer.load_state_dict(ckpt["optimizer"] if i == 0 else copy.deepcopy(ckpt["optimizer"]))
             state = ckpt["train_state"]
+        if folder is not None:
             accel.set_rng_state(state["rng"], device)
             if "guard" in state:
                 guard.load_state_dict(state["guard"])
@@ -205,15 +217,21 @@ class SFTTrainer:
                 guard.reset()
             step, self.useful_seconds = state["step"], state.get("useful_seconds", 0.0)
         self.detector.forget()
-        truncate_metrics(self.run_dir, "sft", step)
+        if self.leader:
+            truncate_metrics(self.run_dir, "sft", step)
         return step
 
     def rollback(self, step: int, at_most: int) -> int:
         """Back to the newest valid checkpoint of step <= at_most; later ones are discarded."""
         if self.saver is not None:
             self.saver.wait()
+        if self.ranks is not None:
+            self.ranks.barrier()   # the leader's checkpoint writes are done
         back_to = self.restore(latest_valid(self.ckpt_root, at_most=at_most, on_skip=self.reject))
-        discard_newer(self.ckpt_root, back_to)
+        if self.ranks is not None:
+            self.ranks.barrier()   # every rank has read it before the leader deletes newer ones
+        if self.leader:
+            discard_newer(self.ckpt_root, back_to)
         self.guard.rolled_back(step)
         self.incidents.record("rollback", step, f"resuming from step {back_to}")
         self.bar.rewind(back_to)
@@ -225,10 +243,16 @@ class SFTTrainer:
         train_state = {"phase": "sft", "data_position": step * s.batch_size * s.grad_accum,
                        "scheduler": {"kind": "warmup_cosine", "step": step}, "rng": accel.get_rng_state(self.device),
                        "guard": self.guard.state_dict(), "useful_seconds": self.useful_seconds}
-        (saver.save if saver is not None else save_checkpoint)(
-            self.ckpt_root, step, models[0].checkpoint_state(), train_state, self.optimizers[0].state_dict(),
-            extra_files={"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **self.tokenizer_files},
-            keep=s.keep_checkpoints, before_commit=self.faults.before_commit(step))
+        extra_files = {"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **self.tokenizer_files}
+        if self.ranks is not None:
+            train_state["world_size"] = self.ranks.world
+        if self.ranks is not None and self.ranks.kind == "fsdp":   # every rank writes its shards
+            sharded_checkpoint.save(self.ckpt_root, step, models[0], self.optimizers[0], train_state, extra_files,
+                                    keep=s.keep_checkpoints, before_commit=self.faults.before_commit(step))
+        elif self.leader:
+            (saver.save if saver is not None else save_checkpoint)(
+                self.ckpt_root, step, models[0].checkpoint_state(), train_state, self.optimizers[0].state_dict(),
+                extra_files=extra_files, keep=s.keep_checkpoints, before_commit=self.faults.before_commit(step))
         self.checkpoint_seconds += time.perf_counter() - started
 
     def run(self, progress: bool, stop_after: int | None) -> dict:
@@ -237,7 +261,7 @@ class SFTTrainer:
         self.step = start = self.restore(latest)
         if latest is not None:
             log(f"resuming SFT from {latest} (step {start})")
-        self.bar = Progress(s.steps, "sft", start=start, every=s.log_every, enabled=progress)
+        self.bar = Progress(s.steps, "sft", start=start, every=s.log_every, enabled=progress and self.leader)
         for model in self.models:
             model.train()
         try:
@@ -257,13 +281,15 @@ class SFTTrainer:
             if self.saver is not None:
                 self.saver.wait()
         self.bar.close()
-        self.heartbeat.idle(self.step)
+        if self.leader:
+            self.heartbeat.idle(self.step)
         return self.summary(start)
 
     def train_step(self) -> bool:
         """Step `self.step`; False if it rolled back instead (`self.step` is then the checkpoint's)."""
         s, step, models, faults, detector = self.s, self.step, self.models, self.faults, self.detector
-        self.heartbeat.beat(step)
+        if self.leader:
+            self.heartbeat.beat(step)
         t0 = accel.timer(self.device)
         faults.start_of_step(step, checkpoints=self.ckpt_root)
         faults.corrupt_weights(step, models)
@@ -277,16 +303,21 @@ class SFTTrainer:
         first = step * s.batch_size * s.grad_accum
         micro = [make_batch([example_for(self.tasks, first + m * s.batch_size + j) for j in range(s.batch_size)],
                             self.tokenizer, s.max_seq_len, self.device) for m in range(s.grad_accum)]
-        n_targets = sum(int(b.target_mask.sum()) for b in micro)
+        n_targets = sum(int(b.target_mask.sum()) for b in micro)   # over the whole global batch
+        mine = micro if self.ranks is None else [
+            Batch(self.ranks.local_rows(b.input_ids), self.ranks.local_rows(b.target_mask), b.tokens) for b in micro]
         losses = [0.0] * len(models)
 
         def compute(i: int) -> None:
             models[i].zero_grad(set_to_none=True)
-            losses[i] = forward_backward(models[i], micro, self.amp_dtype, n_targets,
+            losses[i] = forward_backward(models[i], mine, self.amp_dtype, n_targets,
                                          lambda loss: faults.corrupt_loss(step, loss, i, len(models)))
 
         for i in range(len(models)):
             compute(i)
+        if self.ranks is not None:   # one replica per rank, each with its rows: sum over the ranks
+            self.ranks.reduce_grads(models[0])
+            losses[0] = self.ranks.sum(losses[0])
         faults.mid_step(step)
         faults.corrupt_grads(step, models)
         if detector.check_grads(step, models, losses, compute):
@@ -303,7 +334,8 @@ class SFTTrainer:
         """Clip, ask the guard, and update every replica (or skip); returns the gradient norm, or
         None when the guard rolled back."""
         clip = self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
-        norms = [float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) for m in self.models]
+        norms = [self.ranks.clip_grad_norm(m, clip) if self.ranks else float(torch.nn.utils.clip_grad_norm_(
+            m.parameters(), clip)) for m in self.models]
         grad_norm = norms[0]  # the same on every replica once the detector has had its say
         verdict = self.guard.check(step, loss, grad_norm)
         if verdict.action == "rollback":
@@ -326,7 +358,7 @@ class SFTTrainer:
         self.busy_seconds += elapsed
         self.useful_seconds += elapsed
         self.step = step
-        if step % s.log_every == 0 or step == s.steps:
+        if self.leader and (step % s.log_every == 0 or step == s.steps):
             append_metrics(self.run_dir, {"phase": "sft", "step": step, "loss": loss, "lr": lr,
                                           "grad_norm": grad_norm, "tokens_per_s": step_tokens / elapsed,
                                           "time": time.time()})
