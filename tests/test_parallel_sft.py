@@ -120,3 +120,18 @@ def test_bad_launches_are_refused_with_one_line(runs, tmp_path):
     assert "written by 2 rank(s), not 1" in result.stderr
     assert sorted(p.relative_to(runs) for p in (runs / "ddp").rglob("*")) == before
     assert (runs / "ddp" / "metrics.jsonl").read_text() == metrics
+
+
+def test_the_guard_skips_a_poisoned_step_on_fsdp_ranks_as_in_one_process(tmp_path):
+    """A NaN loss injected at step 2 on one rank reaches every rank's guard through the summed
+    gradients: all skip the update (one incident, recorded once), as a single process does."""
+    fault = 'resilience.faults="nan:loss@2"'
+    assert run_tandem("sft", "--preset", "smoke", "--quiet", "--out", tmp_path / "one",
+                      *sum((["--set", s] for s in [*SETS, fault]), [])).returncode == 0
+    launch = torchrun(tmp_path / "fsdp", "run.parallel=fsdp", fault)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    for run in ("one", "fsdp"):
+        incidents = [json.loads(line) for line in (tmp_path / run / "incidents.jsonl").read_text().splitlines()]
+        assert [(i["kind"], i["step"]) for i in incidents] == [("skip", 2)]
+    one, fsdp = final(tmp_path / "one"), final(tmp_path / "fsdp")
+    assert max(float((one[k] - fsdp[k]).abs().max()) for k in one) < TOLERANCE
