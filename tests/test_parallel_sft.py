@@ -135,3 +135,16 @@ def test_the_guard_skips_a_poisoned_step_on_fsdp_ranks_as_in_one_process(tmp_pat
         assert [(i["kind"], i["step"]) for i in incidents] == [("skip", 2)]
     one, fsdp = final(tmp_path / "one"), final(tmp_path / "fsdp")
     assert max(float((one[k] - fsdp[k]).abs().max()) for k in one) < TOLERANCE
+
+
+def test_async_sharded_checkpoints_resume_exactly(runs, tmp_path):
+    """resilience.async_checkpoint on FSDP ranks: the shards are written in the background and
+    committed at the next save; a rerun from the step-2 one ends on the synchronous run's weights."""
+    import shutil
+    launch = torchrun(tmp_path / "async", "run.parallel=fsdp", "resilience.async_checkpoint=true")
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    run = tmp_path / "async"
+    assert [p.name for p in list_checkpoints(run / "checkpoints" / "sft")] == ["step_000004", "step_000002"]
+    shutil.rmtree(run / "checkpoints" / "sft" / "step_000004")
+    assert torchrun(run, "run.parallel=fsdp", "resilience.async_checkpoint=true").returncode == 0
+    assert weights_fingerprint(final(run)) == weights_fingerprint(final(runs / "fsdp"))

@@ -176,6 +176,8 @@ class SFTTrainer:
         self.detector = CorruptionDetector(r.check_every, self.incidents)
         self.heartbeat = Heartbeat(run_dir)
         self.saver = AsyncCheckpointer() if r.async_checkpoint and self.leader else None
+        self.sharded = (sharded_checkpoint.ShardedSaver(r.async_checkpoint)
+                        if ranks is not None and ranks.kind == "fsdp" else None)
         # Time spent in the steps of the run's surviving timeline, carried in checkpoints: steps redone
         # after a crash or a rollback count once (goodput = useful_seconds / wall time, tandem chaos).
         self.useful_seconds = 0.0
@@ -223,10 +225,7 @@ class SFTTrainer:
 
     def rollback(self, step: int, at_most: int) -> int:
         """Back to the newest valid checkpoint of step <= at_most; later ones are discarded."""
-        if self.saver is not None:
-            self.saver.wait()
-        if self.ranks is not None:
-            self.ranks.barrier()   # the leader's checkpoint writes are done
+        self.wait_for_checkpoints()
         back_to = self.restore(latest_valid(self.ckpt_root, at_most=at_most, on_skip=self.reject))
         if self.ranks is not None:
             self.ranks.barrier()   # every rank has read it before the leader deletes newer ones
@@ -237,6 +236,15 @@ class SFTTrainer:
         self.bar.rewind(back_to)
         return back_to
 
+    def wait_for_checkpoints(self) -> None:
+        """Until every checkpoint write in flight is committed (on every rank)."""
+        if self.saver is not None:
+            self.saver.wait()
+        if self.sharded is not None:
+            self.sharded.wait()
+        if self.ranks is not None:
+            self.ranks.barrier()   # the leader's writes are done before any rank reads checkpoints
+
     def checkpoint(self, step: int) -> None:
         s, saver, models = self.s, self.saver, self.models
         started = time.perf_counter()
@@ -246,8 +254,8 @@ class SFTTrainer:
         extra_files = {"model_config.json": json.dumps(models[0].config.to_dict()).encode(), **self.tokenizer_files}
         if self.ranks is not None:
             train_state["world_size"] = self.ranks.world
-        if self.ranks is not None and self.ranks.kind == "fsdp":   # every rank writes its shards
-            sharded_checkpoint.save(self.ckpt_root, step, models[0], self.optimizers[0], train_state, extra_files,
+        if self.sharded is not None:   # every rank writes its shards
+            self.sharded.save(self.ckpt_root, step, models[0], self.optimizers[0], train_state, extra_files,
                                     keep=s.keep_checkpoints, before_commit=self.faults.before_commit(step))
         elif self.leader:
             (saver.save if saver is not None else save_checkpoint)(
@@ -274,10 +282,11 @@ class SFTTrainer:
                     break
             if s.steps == 0 or (start == s.steps and latest is None):
                 self.checkpoint(s.steps)
+            self.wait_for_checkpoints()
         except DeviceFault as exc:
             self.incidents.record("device_fault", self.step, str(exc))
             raise
-        finally:
+        finally:   # this process's own writer (no collective: other ranks may be gone)
             if self.saver is not None:
                 self.saver.wait()
         self.bar.close()

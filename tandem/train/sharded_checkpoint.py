@@ -19,8 +19,8 @@ Resume (same world size: the shards are this world size's): dcp.load into the mo
 optimizer's sharded state dicts. Any world size, one process included, can read the whole weights
 (checkpoint.read_sharded_weights): eval, export, serve and `tandem inspect` do.
 
-Simplification: the save is synchronous (resilience.async_checkpoint does not apply to sharded
-checkpoints: DCP's async_save would need the manifest commit deferred to the next collective point).
+With resilience.async_checkpoint the shards are written in DCP's background thread and committed
+at the next collective point (ShardedSaver).
 """
 
 from __future__ import annotations
@@ -55,20 +55,24 @@ def _states(model, optimizer) -> dict:
     return {"model": weights, "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def save(root: Path, step: int, model, optimizer, train_state: dict, extra_files: dict,
-         keep: int = 3, before_commit: Callable[[], None] | None = None) -> Path:
-    """Every rank calls this together; returns the committed folder."""
-    root, rank = Path(root), dist.get_rank()
+def _temp_folder(root: Path, step: int) -> Path:
+    """The temp folder every rank writes into: named by rank 0 (its pid), created empty by it."""
     box = [f".tmp-{step_dir_name(step)}-{os.getpid()}"]
     dist.broadcast_object_list(box, src=0)
     tmp = root / box[0]
-    if rank == 0:
+    if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))
+    return tmp
+
+
+def _commit(tmp: Path, root: Path, step: int, train_state: dict, extra_files: dict, keep: int,
+            before_commit: Callable[[], None] | None) -> None:
+    """Once every rank's shards are written: each hashes its own, rank 0 commits, all wait for it."""
+    rank = dist.get_rank()
     mine = {p.name: file_entry(p) for p in tmp.glob(f"__{rank}_*.distcp")}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -78,7 +82,42 @@ def save(root: Path, step: int, model, optimizer, train_state: dict, extra_files
         hashed = {name: entry for entries in gathered for name, entry in entries.items()}
         commit(tmp, root, step, keep, before_commit, hashed)
     dist.barrier()
-    return root / step_dir_name(step)
+
+
+class ShardedSaver:
+    """Checkpoints of FSDP ranks; every rank calls save() and wait() together.
+
+    Synchronous: save() returns once the checkpoint is committed. Async (resilience.async_checkpoint):
+    the step waits only while DCP stages the shards to host memory; the writes go on in DCP's
+    background thread over a gloo group of their own (the writer's collectives must not interleave
+    with training's), and the commit (hashes, manifest, rename) happens at the next wait(): the next
+    save, a rollback, the end of the run, which every rank reaches together. A crash before it
+    leaves an uncommitted temp folder, as a synchronous save would. One write in flight at a time.
+    """
+
+    def __init__(self, async_save: bool = False):
+        self.group = dist.new_group(backend="gloo") if async_save else None
+        self.pending: tuple | None = None
+
+    def save(self, root: Path, step: int, model, optimizer, train_state: dict, extra_files: dict,
+             keep: int = 3, before_commit: Callable[[], None] | None = None) -> None:
+        self.wait()
+        root = Path(root)
+        tmp = _temp_folder(root, step)
+        commit_args = (tmp, root, step, train_state, extra_files, keep, before_commit)
+        if self.group is None:
+            dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))
+            _commit(*commit_args)
+        else:
+            future = dcp.async_save(_states(model, optimizer), checkpoint_id=str(tmp), process_group=self.group)
+            self.pending = (future, commit_args)
+
+    def wait(self) -> None:
+        """Finish and commit the write in flight, if any."""
+        if self.pending is not None:
+            (future, commit_args), self.pending = self.pending, None
+            future.result()
+            _commit(*commit_args)
 
 
 def load_into(folder: Path, model, optimizer) -> dict:
