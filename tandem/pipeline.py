@@ -106,6 +106,7 @@ def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         save_tokenizer(tokenizer, run_dir)
     if ranks is not None:
         ranks.barrier()
+        tokenizer = run_tokenizer(cfg, run_dir, tasks, init[1] if init else None)   # the one rank 0 saved
     stats = train_sft(cfg, run_dir, tokenizer, tasks, progress=progress, init_weights=init[0] if init else None,
                       ranks=ranks)
     if ranks is not None:

@@ -148,3 +148,20 @@ def test_async_sharded_checkpoints_resume_exactly(runs, tmp_path):
     shutil.rmtree(run / "checkpoints" / "sft" / "step_000004")
     assert torchrun(run, "run.parallel=fsdp", "resilience.async_checkpoint=true").returncode == 0
     assert weights_fingerprint(final(run)) == weights_fingerprint(final(runs / "fsdp"))
+
+
+@pytest.mark.parametrize("overrides,device,message", [
+    (["sft.batch_size=5"], "cpu", "sft.batch_size = 5 does not divide over 2 ranks"),
+    (["resilience.replicas=2", "resilience.check_every=1"], "cpu", "resilience.replicas / resilience.check_every are for one SFT process"),
+    (["run.parallel=fsdp"], "mps", "run.parallel = 'fsdp' cannot run on mps"),
+    (["run.parallel=fsdp", 'resilience.faults="bitflip:grad@2"'], "cpu", "grad/weight fault injection is not built"),
+])
+def test_the_rules_of_sft_ranks_name_what_to_change(overrides, device, message):
+    import torch
+    from tandem.config import load_config
+    from tandem.errors import ConfigError
+    from tandem.train.parallel import check_sft_ranks
+    cfg = load_config(preset="smoke", overrides=["sft.batch_size=4", *overrides])
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        check_sft_ranks(cfg, 2, torch.device(device))
+    check_sft_ranks(load_config(preset="smoke", overrides=["sft.batch_size=4"]), 2, torch.device("cpu"))
