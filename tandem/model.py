@@ -300,10 +300,17 @@ def weights_fingerprint(state: dict[str, torch.Tensor], dtype: torch.dtype | Non
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu()
-        tensor = (tensor if dtype is None else tensor.to(dtype)).contiguous()
-        digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        fingerprint_update(digest, name, tensor if dtype is None else tensor.to(dtype))
     return digest.hexdigest()
+
+
+def fingerprint_update(digest, name: str, tensor: torch.Tensor) -> None:
+    """Add one named tensor (on the cpu) to a weights_fingerprint digest: tensors added in sorted
+    name order give weights_fingerprint's value, one tensor at a time (a streamed sync hashes as
+    the buckets go by)."""
+    tensor = tensor.contiguous()
+    digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def model_fingerprint(model: Transformer) -> str:
