@@ -165,3 +165,11 @@ def test_the_rules_of_sft_ranks_name_what_to_change(overrides, device, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         check_sft_ranks(cfg, 2, torch.device(device))
     check_sft_ranks(load_config(preset="smoke", overrides=["sft.batch_size=4"]), 2, torch.device("cpu"))
+
+
+def test_fsdp_is_refused_for_grpo_trainer_ranks_before_anything_runs():
+    from tandem.config import load_config
+    from tandem.train.rollout import RolloutError, check_devices
+    with pytest.raises(RolloutError, match="^run.parallel = 'fsdp' is not built for GRPO trainer ranks"):
+        check_devices(load_config(preset="smoke", overrides=["run.parallel=fsdp", "rl.trainers=2"]))
+    check_devices(load_config(preset="smoke", overrides=["run.parallel=fsdp"]))   # one trainer: nothing to shard

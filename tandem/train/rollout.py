@@ -708,7 +708,11 @@ def leave_trainers(group) -> None:
 
 
 def check_devices(cfg) -> None:
-    """Fail fast, before anything runs: each role's device must exist here and do its dtype."""
+    """Fail fast, before anything runs: each role's device must exist here and do its dtype; GRPO's
+    trainer ranks are data parallel with whole models (run.parallel = "fsdp" is for SFT ranks)."""
+    if cfg.run.parallel != "ddp" and cfg.rl.trainers > 1:
+        raise RolloutError(f"run.parallel = {cfg.run.parallel!r} is not built for GRPO trainer ranks (they keep whole "
+                           "models, summing gradients); set run.parallel=ddp")
     for section in ("rl", "rollout"):
         if section == "rollout" and cfg.rollout.workers and torchrun_env():
             continue  # workers may live on other machines; each checks its own device
