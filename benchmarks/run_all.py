@@ -31,6 +31,7 @@ BENCHMARKS = {                      # name -> arguments of its script, in the or
     "decode": ["bench_decode.py", "--repeats", "9", "--write"],
     "train": ["bench_train.py", "--repeats", "5", "--steps", "10", "--write"],
     "chaos": ["bench_chaos.py", "--write"],
+    "scale": ["bench_scale.py", "--write"],       # ~22 GB at its peak (2 DDP ranks): run it alone
 }
 
 
