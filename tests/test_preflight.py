@@ -141,7 +141,6 @@ def test_targets_file_ships_with_the_package():
 def test_llamacpp_fails_a_type_that_crashes_on_this_cpu(tmp_path):
     """With a probe that really segfaults on q8_0 (in its child), preflight for q8_0 fails with a
     line naming every type's result and the types to serve instead."""
-    pytest.importorskip("gguf")
     from tandem.preflight import format_text, preflight
     report = preflight(_hf_like(tmp_path), "llamacpp", dtype="q8_0", gguf_probe=fragile_llama)
     check = next(c for c in report["checks"] if c["check"] == "cpu_kernels")
