@@ -46,6 +46,9 @@ def test_a_detection_needs_a_causal_link_not_just_a_later_incident_of_its_kind()
     detected, undetected = match_detections([flip, kill, damaged], causal)
     assert [(f["fault"], f["detected_by"], f["latency_steps"]) for f in detected] == [
         ("f", "corruption", 2), ("k", "crash", None), ("d", "checkpoint_rejected", None)] and undetected == []
+    second = dict(flip, fault="g", step=5, time=1.2)   # in the same vote's window: that vote caught both
+    detected, undetected = match_detections([flip, second], causal)
+    assert [(f["fault"], f["latency_steps"]) for f in detected] == [("f", 2), ("g", 1)] and undetected == []
 
 
 def test_chaos_mistakes_are_one_line_errors(tmp_path, capsys):

@@ -121,13 +121,15 @@ def caused_by(fault: dict, incident: dict) -> bool:
 
 def match_detections(faults: list[dict], incidents: list[dict]) -> tuple[list[dict], list[dict]]:
     """Pair each injected fault (in time order) with the first still unpaired incident that it
-    caused (caused_by). Returns (detected, undetected) faults, each detected one with "detected_by"
+    caused (caused_by); a corruption vote covers its whole window (since, step], so it may be paired
+    with every fault in it (a repair or rollback undoes them all). Returns (detected, undetected) faults, each detected one with "detected_by"
     and, for faults inside a training step, "latency_steps" (the step of the detection minus the
     fault's)."""
     pairs: dict[int, int] = {}
     for f, fault in sorted(enumerate(faults), key=lambda item: item[1]["time"]):
         match = next((i for i, inc in enumerate(incidents)
-                      if i not in pairs.values() and inc["time"] >= fault["time"] and caused_by(fault, inc)), None)
+                      if (i not in pairs.values() or "since" in inc) and inc["time"] >= fault["time"]
+                      and caused_by(fault, inc)), None)
         if match is not None:
             pairs[f] = match
     detected = []
