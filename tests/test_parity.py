@@ -153,6 +153,15 @@ def test_clean_export_passes_the_gate_and_a_corrupted_one_fails(trained_run, tmp
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert not report["passed"] and any(f.startswith("logprob_max_abs") for f in report["failures"])
+    # a grossly wrong export (final norm negated: every logit flips sign) fails the loose profiles too
+    weights["model.norm.weight"] = -weights["model.norm.weight"]
+    save_file(weights, str(clean / "model.safetensors"), metadata={"format": "pt"})
+    for target, profile in (("hf:cpu:bf16", "bf16"), ("hf:cpu:fp16", "fp16")):
+        result = run_tandem("parity", "--model", trained_run, "--target", target, "--target-model", clean, "--n", "4",
+                            "--json", "--no-record")
+        report = json.loads(result.stdout)
+        assert result.returncode == 1 and report["profile"] == profile and not report["passed"], result.stderr
+        assert {f.split()[0] for f in report["failures"]} >= {"kl_mean", "top1_agreement"}, report["failures"]
 
 
 def test_gate_refuses_to_publish_a_corrupted_export(trained_run, tmp_path, monkeypatch):
