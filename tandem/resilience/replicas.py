@@ -1,10 +1,12 @@
 """Silent-corruption detection: exact fingerprints of replicas, a vote, a repair or a rollback.
 
-CorruptionDetector: every `check_every` steps, compares fingerprints of the weights and of the
-gradients (a BLAKE2b hash of their bytes: any change of any bits changes it) across replicas, and with one replica against a recomputation of the same step. A vote finds
-the bad replica (weights: against the fingerprint recorded after the previous update; gradients:
-against a recomputation), which is repaired from a healthy one; with no majority the trainer
-rolls back to the last checkpoint. The replicas are either
+CorruptionDetector: every `check_every` steps, compares fingerprints of the weights (with the
+optimizer's moments) and of the gradients (a BLAKE2b hash of their bytes: any change of any bits
+changes it) across replicas, and with one replica against a recomputation of the same step. Each
+incident it records carries `since`, the last check that passed (the fault came after it: the
+detection latency is at most step - since). A vote finds the bad replica (weights: against the
+fingerprint recorded after the previous update; gradients: against a recomputation), which is
+repaired from a healthy one; with no majority the trainer rolls back to the last checkpoint. The replicas are either
 - in-process model copies fed identical batches (SFT's resilience.replicas: dual modular
   redundancy, 2x compute), or
 - GRPO's data-parallel trainer ranks (RankCorruptionDetector, rl.trainers >= 2): after the
