@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from test_server import QUESTION, REPLY, build_tokenizer, memorized_model
-from tandem.errors import TandemError
+from tandem.config import load_config
+from tandem.errors import ConfigError, TandemError
 from tandem.evaluate import evaluate_task
 from tandem.infer.engine import Engine
 from tandem.tasks import JsonlTask, get_task
@@ -62,3 +63,11 @@ def test_validation_and_test_splits_score_their_own_prompts(memo):
     assert not {e.prompt for e in task.test_set(200)} & {e.prompt for e in task.validation_set(200)}
     with pytest.raises(TandemError, match="use test, validation or all"):
         evaluate_task(engine, tok, task, n=1, split="train")
+    with pytest.raises(ConfigError, match="eval.split"):
+        load_config(preset="smoke", overrides=["eval.split=train"])
+
+
+def test_a_jsonl_task_has_no_validation_split_and_says_so(memo, tmp_path):
+    engine, tok = memo
+    with pytest.raises(TandemError, match="no validation split"):
+        evaluate_task(engine, tok, _task(tmp_path, ["19", "20"], test_fraction=0.5), n=1, split="validation")
