@@ -130,6 +130,7 @@ class RolloutConfig:
 @dataclass
 class EvalConfig:
     n: int = 200              # held-out examples per task
+    split: str = "test"       # test (claims) or validation (while tuning a preset: the test split stays unseen)
     batch_size: int = 64
     max_new_tokens: int = 128
     pass_k: int = 0           # k for sampled pass@k (0 = greedy pass@1 only)
@@ -402,6 +403,7 @@ def validate(cfg: Config) -> None:
     _check(s.max_seq_len <= m.max_position_embeddings, "sft.max_seq_len",
            f"<= model.max_position_embeddings ({m.max_position_embeddings})", s.max_seq_len)
     _check(cfg.eval.n >= 1, "eval.n", ">= 1", cfg.eval.n)
+    _check(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation", cfg.eval.split)
     _check(cfg.eval.pass_k >= 0, "eval.pass_k", ">= 0", cfg.eval.pass_k)
     x = cfg.export
     _check(all(f in ("hf", "gguf") for f in x.formats) and len(set(x.formats)) == len(x.formats),

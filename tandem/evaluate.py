@@ -1,6 +1,7 @@
-"""Evaluation on a task's held-out split.
+"""Evaluation on a task's held-out split: test (for claims, the default) or validation (for tuning).
 
     python -m tandem.cli eval --model runs/demo --task addition --json
+    python -m tandem.cli eval --model runs/demo --task addition --split validation   # while tuning
     python -m tandem.cli eval --model runs/demo --task mine.jsonl --split all   # every row of the file
 
 Greedy pass@1 accuracy, the format-compliance rate (`<think>` then `<answer>`), average completion
@@ -33,12 +34,14 @@ def _generate_texts(engine: Engine, tokenizer: ChatTokenizer, examples, params, 
 
 
 def eval_examples(task: Task, n: int, split: str = "test") -> list[Example]:
-    """What evaluate_task scores: the first n examples of the task's held-out split, or with
-    split "all" the first n rows of a .jsonl file, the rows it trains on included."""
+    """What evaluate_task scores: the first n examples of the task's test or validation split, or
+    with split "all" the first n rows of a .jsonl file, the rows it trains on included."""
     if split == "test":
         return task.test_set(n)
+    if split == "validation":
+        return task.validation_set(n)
     if split != "all":
-        raise TandemError(f"unknown split '{split}'; use test or all")
+        raise TandemError(f"unknown split '{split}'; use test, validation or all")
     if not isinstance(task, JsonlTask):
         raise TandemError(f"--split all scores every row of a .jsonl file; '{task.name}' is generated, "
                           f"so only its held-out split can be scored (--split test)")

@@ -140,7 +140,8 @@ def run_eval_stage(cfg: Config, run_dir: Path, stage: str = "sft", progress: boo
     for task in build_tasks(cfg):
         result = evaluate_task(engine, loaded.tokenizer, task, n=e.n, batch_size=e.batch_size,
                                max_new_tokens=e.max_new_tokens, pass_k=e.pass_k, temperature=e.temperature,
-                               seed=cfg.run.seed, keep_samples=e.samples_in_report, progress=progress)
+                               seed=cfg.run.seed, keep_samples=e.samples_in_report, progress=progress,
+                               split=e.split)
         samples[task.name] = result.pop("samples")
         results[task.name] = result
         log(f"eval [{stage}] {task.name}: accuracy {result['accuracy']:.1%}, format {result['format_rate']:.1%} "

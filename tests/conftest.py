@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny models and configs built inside the tests (no downloads, CPU only)."""
+"""Shared fixtures: tiny models and configs built inside the tests (no downloads, CPU only).
+
+Packages: everything `pip install 'tandem[test]'` installs is imported by the tests, never skipped
+(a broken install fails). llama-cpp-python (the `llamacpp` extra, built from source) is the one
+optional package: `make test` (and so CI) installs it and sets TANDEM_TEST_ALL=1, under which its
+tests run and its absence is a failure; a plain `pytest` without it skips those tests, saying so.
+"""
 
 import json
 import os
@@ -36,9 +42,26 @@ def fragile_llama(file: str) -> str:
     return "ok"
 
 
-def run_tandem(*args, timeout=300, env=None):
-    """Run the real `tandem` CLI in a subprocess; returns CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "tandem.cli", *map(str, args)], capture_output=True, text=True,
+def llama_cpp():
+    """The llama_cpp module; without it a failure under `make test` (TANDEM_TEST_ALL=1), else a skip."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        message = "llama-cpp-python is not installed: pip install 'tandem[llamacpp]' (make test does)"
+        if os.environ.get("TANDEM_TEST_ALL") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    import llama_cpp as module
+    return module
+
+
+def run_tandem(*args, timeout=300, env=None, hide=()):
+    """Run the real `tandem` CLI in a subprocess; returns CompletedProcess. `hide` names modules the
+    child must not find (importing them fails, find_spec gives None), as on a machine without them."""
+    start = ["-m", "tandem.cli"]
+    if hide:
+        start = ["-c", "import runpy, sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in hide)
+                 + "runpy.run_module('tandem.cli', run_name='__main__', alter_sys=True)"]
+    return subprocess.run([sys.executable, *start, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 

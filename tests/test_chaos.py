@@ -30,6 +30,27 @@ def test_detections_are_matched_at_their_own_step_first():
     assert [f["fault"] for f in detected] == ["b"] and [f["fault"] for f in undetected] == ["a"]
 
 
+def test_a_detection_needs_a_causal_link_not_just_a_later_incident_of_its_kind():
+    flip = {"fault": "f", "kind": "swap", "role": "trainer", "step": 4, "attempt": 1, "time": 1.0}
+    kill = {"fault": "k", "kind": "kill", "role": "trainer", "step": 6, "attempt": 1, "time": 2.0}
+    damaged = {"fault": "d", "kind": "ckpt_truncate", "role": "trainer", "step": 9, "attempt": 2, "time": 3.0,
+               "damaged": "run/checkpoints/sft/step_8/model.safetensors"}
+    unrelated = [{"kind": "corruption", "step": 9, "since": 6, "attempt": 1, "time": 1.5},   # window after the flip
+                 {"kind": "crash", "step": 6, "attempt": 2, "time": 2.5},                    # another process
+                 {"kind": "checkpoint_rejected", "step": 4, "attempt": 3, "time": 3.5}]      # another checkpoint
+    detected, undetected = match_detections([flip, kill, damaged], unrelated)
+    assert detected == [] and len(undetected) == 3
+    causal = [{"kind": "corruption", "step": 6, "since": 3, "attempt": 1, "time": 1.5},
+              {"kind": "crash", "step": 6, "attempt": 1, "time": 2.5},
+              {"kind": "checkpoint_rejected", "step": 8, "attempt": 3, "time": 3.5}]
+    detected, undetected = match_detections([flip, kill, damaged], causal)
+    assert [(f["fault"], f["detected_by"], f["latency_steps"]) for f in detected] == [
+        ("f", "corruption", 2), ("k", "crash", None), ("d", "checkpoint_rejected", None)] and undetected == []
+    second = dict(flip, fault="g", step=5, time=1.2)   # in the same vote's window: that vote caught both
+    detected, undetected = match_detections([flip, second], causal)
+    assert [(f["fault"], f["latency_steps"]) for f in detected] == [("f", 2), ("g", 1)] and undetected == []
+
+
 def test_chaos_mistakes_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

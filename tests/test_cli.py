@@ -14,18 +14,27 @@ def test_pipeline_writes_a_complete_run(smoke_run):
         assert (smoke_run / name).is_file(), name
     summary = json.loads((smoke_run / "summary.json").read_text())
     result = summary["evals"]["sft"]["addition"]
-    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == 16 and result["split"] == "test" and (result["accuracy"] * 16).is_integer()
     assert summary["parameters"] > 0 and summary["sft"]["tokens_per_s"] > 0
     assert {row["phase"] for row in summary["ledger"]} >= {"sft", "eval"}
     assert "![SFT loss](plots/sft_loss.png)" in (smoke_run / "report.md").read_text()
 
 
-def test_eval_json(smoke_run):
-    result = run_tandem("eval", "--model", smoke_run, "--task", "addition", "--n", "8", "--json")
+def test_eval_json_rescores_the_pipelines_eval_exactly(smoke_run):
+    """`tandem eval` on the SFT checkpoint, with the smoke preset's eval settings, gives exactly the
+    figures the pipeline recorded for it (the same model, examples and greedy decoding, run twice)."""
+    sft = smoke_run / "checkpoints" / "sft" / "step_000020"
+    result = run_tandem("eval", "--model", sft, "--task", "addition", "--n", "16", "--batch-size", "16",
+                        "--max-new-tokens", "48", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["task"] == "addition" and data["n"] == 8
-    assert 0 <= data["accuracy"] <= 1 and 0 <= data["format_rate"] <= 1
+    recorded = json.loads((smoke_run / "summary.json").read_text())["evals"]["sft"]["addition"]
+    assert data["task"] == "addition" and data["n"] == 16 and data["split"] == "test"
+    assert {k: data[k] for k in ("accuracy", "format_rate", "avg_tokens")} == \
+        {k: recorded[k] for k in ("accuracy", "format_rate", "avg_tokens")}
+    other = json.loads(run_tandem("eval", "--model", sft, "--task", "addition", "--n", "16", "--batch-size", "16",
+                                  "--max-new-tokens", "48", "--split", "validation", "--json").stdout)
+    assert other["split"] == "validation" and other["n"] == 16
 
 
 def test_inspect_json_matches_checkpoint(smoke_run):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import run_tandem
 from tandem.errors import ModelError
 
-transformers = pytest.importorskip("transformers")
+import transformers
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from conftest import fragile_llama, run_tandem, tiny_model_config
+from conftest import fragile_llama, llama_cpp, run_tandem, tiny_model_config
 from tandem.model import Transformer
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_cli_gguf_export_and_refusals(smoke_run, tmp_path):
 
 
 def test_llama_cpp_matches_when_installed(smoke_run, tmp_path):
-    pytest.importorskip("llama_cpp")
+    llama_cpp()
     from tandem.parity import run_parity
     report = run_parity(smoke_run, "torch:cpu:fp32", "llamacpp:f32", n=4, max_new_tokens=16, progress=False)
     assert report["metrics"]["prompt_token_match"] == 1.0
@@ -225,7 +225,7 @@ def test_a_llama_cpp_crash_is_one_line_and_leaves_nothing_behind(smoke_run, tmp_
     """The llamacpp backend runs in a child: killing that child with SIGSEGV mid-use (what a
     llama.cpp kernel fault does) gives a one-line error naming the type and what to try, and the
     temporary GGUF export is removed."""
-    pytest.importorskip("llama_cpp")
+    llama_cpp()
     import os
     import signal
 
@@ -258,7 +258,7 @@ def test_gguf_probe_reports_each_type_with_a_real_crash(tmp_path, monkeypatch):
 
 
 def test_doctor_probes_llama_cpp_when_installed():
-    pytest.importorskip("llama_cpp")
+    llama_cpp()
     result = run_tandem("doctor", "--json")
     assert result.returncode == 0, result.stderr
     entry = next(b for b in json.loads(result.stdout)["backends"] if b["backend"] == "llamacpp")

@@ -1,10 +1,12 @@
 """GRPO: the loss against hand-computed numbers, rewards that raise, sync determinism and exact resume."""
 
+import json
 import math
 
 import pytest
 import torch
 
+from conftest import run_tandem
 from tandem.config import load_config
 from tandem.model import weights_fingerprint
 from tandem.runs import prepare_run, read_metrics, read_summary
@@ -191,9 +193,16 @@ def test_the_pipeline_runs_grpo_between_two_evals(smoke_run):
     """`tandem pipeline --preset smoke` (the shared CLI fixture): SFT -> eval "sft" -> GRPO -> eval "rl"."""
     summary = read_summary(smoke_run)
     assert set(summary["evals"]) >= {"sft", "rl"}
-    assert all({"accuracy", "format_rate"} <= set(result) for stage in ("sft", "rl")
-               for result in summary["evals"][stage].values())
     assert summary["evals"]["sft"].keys() == summary["evals"]["rl"].keys()
+    # the "rl" eval scores RL's final checkpoint: `tandem eval` of that checkpoint gives the same figures
+    rl_checkpoint = latest_valid(smoke_run / "checkpoints" / "rl")
+    for task, recorded in summary["evals"]["rl"].items():
+        result = run_tandem("eval", "--model", rl_checkpoint, "--task", task, "--n", str(recorded["n"]),
+                            "--batch-size", "16", "--max-new-tokens", "48", "--json")
+        assert result.returncode == 0, result.stderr
+        again = json.loads(result.stdout)
+        assert (again["accuracy"], again["format_rate"], again["avg_tokens"]) == \
+            (recorded["accuracy"], recorded["format_rate"], recorded["avg_tokens"])
     assert summary["rl"]["steps"] == 3 and summary["rl"]["rollout"]["dtype"] == "bf16"
     ledger = {(row["phase"], row["device_kind"]) for row in summary["ledger"]}
     assert {("rollout", "cpu"), ("policy_update", "cpu"), ("weight_sync", "cpu"), ("sft", "cpu")} <= ledger

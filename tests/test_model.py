@@ -8,7 +8,7 @@ from tandem.model import ModelConfig, Transformer, model_fingerprint, weights_fi
 
 
 def _hf_twin(config):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     kw = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
               intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
               num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,

@@ -111,7 +111,12 @@ def test_local_targets_probe_this_machine(smoke_run):
     for target, kind in (("cuda", "cuda"), ("npu", "npu")):
         report = preflight(smoke_run, target)
         hardware = next(c for c in report["checks"] if c["check"] == "hardware")
-        assert hardware["status"] == ("skip" if not accel.kind_available(kind) else hardware["status"])
+        if not accel.kind_available(kind):
+            assert hardware["status"] == "skip" and f"no {kind} device" in hardware["message"]
+        elif report["dtype"] in accel.supported_dtypes(kind):    # the probe's own answer, on this machine
+            assert hardware["status"] == "ok" and accel.device_name(kind) in hardware["message"]
+        else:
+            assert hardware["status"] == "fail" and f"cannot compute in {report['dtype']}" in hardware["message"]
 
 
 def test_qwen2_and_q8_rows(tmp_path):
@@ -141,7 +146,6 @@ def test_targets_file_ships_with_the_package():
 def test_llamacpp_fails_a_type_that_crashes_on_this_cpu(tmp_path):
     """With a probe that really segfaults on q8_0 (in its child), preflight for q8_0 fails with a
     line naming every type's result and the types to serve instead."""
-    pytest.importorskip("gguf")
     from tandem.preflight import format_text, preflight
     report = preflight(_hf_like(tmp_path), "llamacpp", dtype="q8_0", gguf_probe=fragile_llama)
     check = next(c for c in report["checks"] if c["check"] == "cpu_kernels")

@@ -76,6 +76,25 @@ def test_every_single_bit_flip_changes_the_fingerprint(dtype):
         assert fingerprint([tensor]) == before
 
 
+def test_the_fingerprint_catches_what_a_sum_of_the_bits_missed():
+    """Two opposite flips of one bit position, and a swap of two elements: the integer sum of the
+    bits (the fingerprint before BLAKE2b) is unchanged by both, the fingerprint is not."""
+    def bit_sum(t):
+        return int(t.view(torch.int32).sum(dtype=torch.int64))
+
+    tensor = torch.tensor([1.0, 3.0, -2.5, 0.75])
+    before = fingerprint([tensor])
+    bits = tensor.view(torch.int32)
+    bit = next(b for b in range(32) if (int(bits[0]) ^ int(bits[1])) >> b & 1)   # differs in elements 0, 1
+    opposite = tensor.clone()
+    flip_bit(opposite, 0, bit)
+    flip_bit(opposite, 1, bit)
+    swapped = tensor[[2, 1, 0, 3]].contiguous()
+    for changed in (opposite, swapped):
+        assert not torch.equal(changed, tensor) and bit_sum(changed) == bit_sum(tensor)
+        assert fingerprint([changed]) != before
+
+
 def test_guard_skips_nonfinite_and_spikes_then_rolls_back():
     guard = StepGuard(window=10, zscore=6.0, min_history=4, rollback_after=3)
     norms = [1.0, 1.1, 0.9, 1.05, 0.95]
@@ -211,6 +230,27 @@ def test_one_replica_recomputes_and_rolls_back(tmp_path, clean):
     # the gradient flip is outvoted by two recomputations; the weight flip (no second replica to
     # restore from) sends the run back to the step-4 checkpoint
     assert stats["incidents"] == {"corruption": 2, "rollback": 1} and fp == clean
+
+
+def test_two_replicas_repair_adam_moments_multi_bit_pairs_and_swaps(tmp_path, clean):
+    faults = "bitflip:adam@3,multiflip:grad@4,bitpair:weight@5,swap:adam@6,swap:grad@7,bitpair:grad@9"
+    fp, _, stats = _train(tmp_path / "run", ["resilience.replicas=2", "resilience.check_every=1",
+                                             f"resilience.faults={json.dumps(faults)}"])
+    assert stats["incidents"] == {"corruption": 6} and fp == clean
+    fired = read_jsonl(tmp_path / "run" / "faults.jsonl")
+    assert len(fired) == 6 and all(f.get("damaged", "") is not None for f in fired)
+    detections = read_jsonl(tmp_path / "run" / "incidents.jsonl")
+    assert [(d["step"], d["since"]) for d in detections] == [(3, 2), (4, 4), (5, 4), (6, 5), (7, 7), (9, 9)]
+
+
+def test_a_late_flip_and_sparse_checks_are_caught_later_with_their_latency(tmp_path, clean):
+    """A gradient flipped after the check (right before optimizer.step) and a weight flipped between
+    checks every 3 steps: both are found at the next check (no majority: back to the last
+    checkpoint), the incident's `since` bounds the latency, and the replay gives the clean weights."""
+    fp, _, stats = _train(tmp_path / "run", ["resilience.replicas=2", "resilience.check_every=3",
+                                             'resilience.faults="bitflip:late@4,bitflip:weight@7"'])
+    detections = [d for d in read_jsonl(tmp_path / "run" / "incidents.jsonl") if d["kind"] == "corruption"]
+    assert [(d["step"], d["since"]) for d in detections] == [(6, 3), (9, 6)] and fp == clean
 
 
 def test_guard_decisions_are_checkpointed_and_resume_exactly(tmp_path):

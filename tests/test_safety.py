@@ -94,7 +94,6 @@ def test_export_force_replaces_only_an_earlier_export(run, tmp_path):
 
 
 def test_gguf_export_is_a_folder_that_force_replaces(run, tmp_path):
-    pytest.importorskip("gguf")
     out = tmp_path / "gguf"
     for extra in ([], ["--force"]):
         result = run_tandem("export", "--model", run, "--format", "gguf", "--out", out, *extra)

@@ -315,6 +315,12 @@ def test_chat_stream_deltas_add_up_to_the_message(memo, tok):
 
 
 def test_async_client_concurrent_requests_match_sequential(rand):
+    """Eight requests at once share engine steps (more sequences advanced than steps run, by the
+    server's own counters), and give what each gives alone."""
+    def counts():
+        m = rand.wait_idle()
+        return m["tandem_engine_steps_total"], m["tandem_engine_sequence_steps_total"]
+
     async def main():
         client = openai.AsyncOpenAI(base_url=rand.url + "/v1", api_key="unused", max_retries=0)
 
@@ -335,11 +341,15 @@ def test_async_client_concurrent_requests_match_sequential(rand):
                 else:
                     n = chunk.usage.completion_tokens
             return "|".join(text), n
+        before = counts()
         together = await asyncio.gather(*[one(s, s % 2 == 0) for s in range(8)])
+        after = counts()
         alone = [await one(s, s % 2 == 1) for s in range(8)]
+        steps, advanced = after[0] - before[0], after[1] - before[1]
         await client.close()
-        return together, alone
-    together, alone = asyncio.run(main())
+        return together, alone, steps, advanced
+    together, alone, steps, advanced = asyncio.run(main())
+    assert advanced > steps > 0                 # some step advanced two or more of the requests together
     assert together == alone                    # batching, streaming and seeds do not change outputs
     assert all(0 < n <= 12 for _, n in together)
     assert len({text for text, _ in together}) > 4

@@ -13,12 +13,11 @@ through the engine.
 """
 
 import pytest
+import schemathesis
 import torch
+from hypothesis import HealthCheck, given, settings  # hypothesis comes with schemathesis
 
 from test_server import LiveServer, build_tokenizer, random_model
-
-schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is missing: pip install 'tandem[test]'")
-from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "tools", "echo", "suffix")   # always 400

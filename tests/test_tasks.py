@@ -105,15 +105,20 @@ def test_test_set_is_prefix_and_disjoint_from_train(name, params):
     assert task.test_set() == test[:200]
     assert len({ex.prompt for ex in test}) == len(test)
     test_prompts = {ex.prompt for ex in test}
+    validation = task.validation_set(1000)
+    validation_prompts = {ex.prompt for ex in validation}
+    assert len(validation_prompts) == len(validation) > 900 and task.validation_set(50) == validation[:50]
     train_prompts = {task.example(i).prompt for i in range(2000)}
-    assert not train_prompts & test_prompts
+    assert not train_prompts & test_prompts and not train_prompts & validation_prompts
+    assert not validation_prompts & test_prompts   # tuning on validation never looks at the test split
+    assert {task.split_of(p) for p in test_prompts} == {"test"}
     assert len(train_prompts) > 1000  # the train stream is varied
 
 
 def test_small_problem_space_still_splits():
     task = get_task("addition", min_digits=1, max_digits=1)
     test = task.test_set(200)
-    assert 1 <= len(test) < 200  # only ~155 distinct problems exist; a fifth is held out
+    assert 1 <= len(test) < 200  # only ~155 distinct problems exist; a tenth is the test split
     held = {ex.prompt for ex in test}
     train = {task.example(i).prompt for i in range(500)}
     assert not train & held and len(train) > 50

@@ -28,8 +28,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
     reason="Debian's chromium is not installed (make test installs it: apt-get install chromium)")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="the playwright package is missing: pip install 'tandem[test]'")
+from playwright import sync_api
 
 
 @pytest.fixture(scope="module")

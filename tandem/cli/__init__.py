@@ -4,7 +4,7 @@
     tandem sft      --preset smoke --out runs/s       SFT only (resumes in the same folder)
     tandem sft      --preset smoke --init runs/s --out runs/s2 --set sft.steps=400   train runs/s longer
     tandem rl       --init runs/s --out runs/r        GRPO with rollout workers (tandem/cli/train.py)
-    tandem eval     --model runs/demo [--task addition] [--split test|all] [--json]
+    tandem eval     --model runs/demo [--task addition] [--split test|validation|all] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
     tandem chat     --model runs/demo [--multi-turn]  terminal chat, thinking shown dimmed (tandem/cli/chat.py)
     tandem serve    --model runs/demo                 OpenAI-compatible server + web chat on :8000
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200,
                    help="examples per task, from its held-out split (a .jsonl file holds out its last ~10%% "
                         "of rows; fewer than asked prints a note)")
-    p.add_argument("--split", choices=("test", "all"), default="test",
-                   help="test: the held-out split (default); all: every row of a .jsonl task, training rows too")
+    p.add_argument("--split", choices=("test", "validation", "all"), default="test",
+                   help="test: the held-out split for claims (default); validation: the held-out split for "
+                        "tuning; all: every row of a .jsonl task, training rows too")
     p.add_argument("--pass-k", type=int, default=0, help="also report sampled pass@k")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     p.add_argument("--max-new-tokens", type=int, default=128)

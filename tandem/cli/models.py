@@ -1,6 +1,6 @@
 """The model subcommands of `tandem` (parsers in tandem/cli/__init__.py): eval, generate, inspect, doctor.
 
-    tandem eval     --model runs/demo [--task addition] [--split test|all] [--json]
+    tandem eval     --model runs/demo [--task addition] [--split test|validation|all] [--json]
     tandem generate --model runs/demo --prompt "What is 12 + 7?"
     tandem inspect  runs/demo [--json]                step, config, parameters, weight fingerprint
     tandem doctor                                     devices, dtypes, backends, versions

@@ -11,12 +11,13 @@ Both jobs are the real CLI in subprocesses, one after the other: `tandem sft ...
 added to its config into OUT/chaos. The report:
 
     faults injected   what faults.jsonl says fired (a scheduled fault may never come due)
-    faults detected   injected faults matched to what noticed them (incidents.jsonl): a kill to
-                      the supervisor's crash, a hang to its watchdog, a device error to the
-                      trainer's DeviceFault, NaN/inf/spike to a guard skip (or, with replicas, a
-                      corruption repair), a bit flip to a corruption repair (or a skip), a damaged
-                      checkpoint to its rejection on the next load, a rollout worker's kill or
-                      hang to the worker pool's handling of it
+    faults detected   injected faults matched to what they caused (incidents.jsonl; caused_by): a
+                      kill to the crash of its process, a hang to the watchdog's, a device error to
+                      the trainer's DeviceFault at its step, NaN/inf/spike to a guard skip at its
+                      step (or a corruption vote), a silent corruption (bit flips, swaps) to the
+                      vote whose window holds its step, a damaged checkpoint to the rejection of that
+                      checkpoint, a rollout worker's kill or hang to the worker pool's handling
+    detection latency the steps from a data fault to the vote or skip that found it
     restarts          the supervisor's restarts
     goodput           useful step time / wall time, each job its own: useful step time is the time
                       spent in the steps of the final timeline (a step redone after a crash counts
@@ -45,13 +46,13 @@ from tandem.progress import log
 from tandem.runs import read_summary
 from tandem.resilience.supervisor import SUPERVISOR_FILE
 from tandem.train.checkpoint import latest_valid, load_checkpoint
-from tandem.resilience.faults import FAULTS_FILE, configured_faults, schedule_text
+from tandem.resilience.faults import FAULTS_FILE, SILENT_KINDS, configured_faults, schedule_text
 from tandem.resilience.incidents import INCIDENTS_FILE, read_jsonl
 
 PROCESS_FAULTS = ("kill", "hang", "device_error", "ckpt_truncate", "ckpt_bitflip")  # each costs a restart
 DETECTED_BY = {"kill": ("crash",), "hang": ("hang",), "device_error": ("device_fault", "crash"),
                "nan": ("skip", "corruption"), "inf": ("skip", "corruption"), "spike": ("skip", "corruption"),
-               "bitflip": ("corruption", "skip"), "ckpt_truncate": ("checkpoint_rejected",),
+               **{kind: ("corruption", "skip") for kind in SILENT_KINDS}, "ckpt_truncate": ("checkpoint_rejected",),
                "ckpt_bitflip": ("checkpoint_rejected",)}
 WORKER_DETECTED_BY = ("worker_fault",)  # any fault of a rollout worker (roles other than the trainer)
 
@@ -93,21 +94,50 @@ def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: in
                      read_jsonl(folder / FAULTS_FILE), read_jsonl(folder / INCIDENTS_FILE))
 
 
+def caused_by(fault: dict, incident: dict) -> bool:
+    """Whether `incident` can be the detection of `fault`, by a causal link, not just its kind:
+    - a kill, hang or device error: an incident of the process (attempt) the fault struck;
+    - a data fault (NaN, spike, bit flips...): a skip at the fault's own step, or a corruption vote
+      of the same attempt whose window (the last check that passed, `since`, up to the vote's step)
+      holds the fault's step;
+    - a damaged checkpoint: the rejection of that very checkpoint by a later attempt;
+    - a rollout worker's fault: the trainer's worker-fault incident in that attempt, at or after it."""
+    kinds = DETECTED_BY[fault["kind"]] if fault["role"] == "trainer" else WORKER_DETECTED_BY
+    if incident["kind"] not in kinds:
+        return False
+    same_attempt = incident.get("attempt") == fault.get("attempt")
+    if fault["role"] != "trainer":
+        return same_attempt and (incident["step"] or 0) >= fault["step"]
+    if fault["kind"] in ("ckpt_truncate", "ckpt_bitflip"):
+        damaged = Path(fault.get("damaged") or "").parent.name
+        return (incident.get("attempt", 0) > fault.get("attempt", 0) and damaged.startswith("step_")
+                and incident["step"] == int(damaged[5:]))
+    if fault["kind"] in PROCESS_FAULTS:
+        return same_attempt and (incident["kind"] != "device_fault" or incident["step"] == fault["step"])
+    if incident["kind"] == "corruption" and "since" in incident:
+        return same_attempt and incident["since"] <= fault["step"] <= incident["step"]
+    return same_attempt and incident["step"] == fault["step"]
+
+
 def match_detections(faults: list[dict], incidents: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Pair each injected fault with a later, still unpaired incident of a kind that detects it:
-    first those at the fault's own step and attempt, then (for what is left, in time order) the
-    first later one. Returns (detected, undetected) faults, each detected one with "detected_by"."""
+    """Pair each injected fault (in time order) with the first still unpaired incident that it
+    caused (caused_by); a corruption vote covers its whole window (since, step], so it may be paired
+    with every fault in it (a repair or rollback undoes them all). Returns (detected, undetected) faults, each detected one with "detected_by"
+    and, for faults inside a training step, "latency_steps" (the step of the detection minus the
+    fault's)."""
     pairs: dict[int, int] = {}
-    for same_step in (True, False):
-        for f, fault in sorted(enumerate(faults), key=lambda item: item[1]["time"]):
-            kinds = DETECTED_BY[fault["kind"]] if fault["role"] == "trainer" else WORKER_DETECTED_BY
-            match = next((i for i, inc in enumerate(incidents) if i not in pairs.values() and f not in pairs
-                          and inc["kind"] in kinds and inc["time"] >= fault["time"]
-                          and (not same_step or (inc["step"], inc["attempt"]) == (fault["step"], fault["attempt"]))),
-                         None)
-            if match is not None:
-                pairs[f] = match
-    detected = [dict(fault, detected_by=incidents[pairs[f]]["kind"]) for f, fault in enumerate(faults) if f in pairs]
+    for f, fault in sorted(enumerate(faults), key=lambda item: item[1]["time"]):
+        match = next((i for i, inc in enumerate(incidents)
+                      if (i not in pairs.values() or "since" in inc) and inc["time"] >= fault["time"]
+                      and caused_by(fault, inc)), None)
+        if match is not None:
+            pairs[f] = match
+    detected = []
+    for f, fault in enumerate(faults):
+        if f in pairs:
+            incident = incidents[pairs[f]]
+            latency = incident["step"] - fault["step"] if fault["kind"] not in PROCESS_FAULTS else None
+            detected.append(dict(fault, detected_by=incident["kind"], latency_steps=latency))
     return detected, [fault for f, fault in enumerate(faults) if f not in pairs]
 
 
@@ -134,7 +164,8 @@ class ChaosReport:
     def to_dict(self) -> dict:
         return {"job": self.job, "preset": self.preset, "steps": self.steps, "schedule": self.schedule,
                 "faults_injected": len(self.injected), "faults_detected": len(self.detected),
-                "undetected": [f["fault"] for f in self.undetected], "restarts": self.chaos.restarts,
+                "undetected": [f["fault"] for f in self.undetected],
+                "latency_steps": [f["latency_steps"] for f in self.detected if f["latency_steps"] is not None], "restarts": self.chaos.restarts,
                 "twin_wall_s": self.twin.wall, "chaos_wall_s": self.chaos.wall,
                 "time_lost_s": self.time_lost, "twin_useful_s": self.twin.useful, "useful_s": self.chaos.useful,
                 "twin_goodput": self.twin.useful / self.twin.wall if self.twin.wall else None,
@@ -158,6 +189,7 @@ class ChaosReport:
                 ("faults injected", "-", str(len(self.injected)), ", ".join(f"{k} {n}" for k, n in kinds.items())),
                 ("faults detected", "-", f"{len(self.detected)} / {len(self.injected)}",
                  ", ".join(f"{k} {n}" for k, n in by.items())),
+                ("detection latency", "-", _latency_text(d["latency_steps"]), "steps, data faults"),
                 ("time lost", "-", f"{d['time_lost_s']:.1f} s", ""),
                 ("goodput", f"{d['twin_goodput']:.1%}", f"{d['goodput']:.1%}", "useful step time / wall time"),
                 ("final weights", (self.twin.fingerprint or "-")[:12], (self.chaos.fingerprint or "-")[:12], verdict)]
@@ -170,6 +202,10 @@ class ChaosReport:
             lines.append(f"  the job under faults did not finish (exit {self.chaos.returncode}); see "
                          f"{self.chaos.folder}.log")
         return "\n".join(lines)
+
+
+def _latency_text(latencies: list[int]) -> str:
+    return f"max {max(latencies)}" if latencies else "-"
 
 
 def run_chaos(preset: str | None, config: str | None, overrides: list[str], out: Path, faults: str = "",

@@ -19,8 +19,13 @@ or random ones at a mean time between faults (resilience.mtbf, seeded):
                     a real overflow) or NaN in one gradient element
     inf[:loss|grad] the same with +inf
     spike           multiply every gradient by 1e4
-    bitflip[:grad|weight]   flip one random bit of one element of a gradient (default), or of a
-                    weight at rest before STEP
+    bitflip[:grad|weight|adam|late]   flip one random bit of one element of a gradient (default,
+                    after the backward pass), of a weight or of an Adam moment at rest before STEP,
+                    or of a gradient late: after the corruption check, right before optimizer.step
+    multiflip[:...] flip 2-8 random bits in random elements of one tensor (same targets)
+    bitpair[:...]   flip the same bit position in two elements where it differs (0->1 and 1->0: an
+                    integer sum of the bits is unchanged)
+    swap[:...]      swap two different elements of one tensor (a permutation: every sum is unchanged)
     ckpt_truncate   cut a file of the newest checkpoint short, then SIGKILL (the restart must
                     reject that checkpoint and resume from the one before)
     ckpt_bitflip    flip one bit in a file of the newest checkpoint, then SIGKILL
@@ -54,14 +59,16 @@ import torch
 from tandem.errors import ConfigError
 from tandem.progress import log
 from tandem.resilience.incidents import append_jsonl, attempt_number, read_jsonl
-from tandem.resilience.replicas import flip_bit
+from tandem.resilience.replicas import INT_VIEW, flip_bit
 from tandem.train.checkpoint import MANIFEST, list_checkpoints
 
 FAULTS_FILE = "faults.jsonl"
 
 # kind -> allowed targets, the first being the default
+SILENT_TARGETS = ("grad", "weight", "adam", "late")
+SILENT_KINDS = ("bitflip", "multiflip", "bitpair", "swap")    # silent data corruption of one tensor
 KINDS = {"kill": ("", "ckpt"), "hang": ("",), "device_error": ("",), "nan": ("loss", "grad"),
-         "inf": ("loss", "grad"), "spike": ("grad",), "bitflip": ("grad", "weight"),
+         "inf": ("loss", "grad"), "spike": ("grad",), **{kind: SILENT_TARGETS for kind in SILENT_KINDS},
          "ckpt_truncate": ("",), "ckpt_bitflip": ("",)}
 SPIKE_FACTOR = 1e4
 
@@ -153,10 +160,12 @@ class FaultInjector:
 
         faults = FaultInjector.from_config(cfg.resilience, steps, run_dir)     # role "trainer"
         faults.start_of_step(step, checkpoints=ckpt_root)   hang, ckpt_truncate, ckpt_bitflip
-        faults.corrupt_weights(step, models)                bitflip:weight
+        faults.corrupt_weights(step, models, optimizers)    bitflip:weight, bitflip:adam (and the
+                                                            other silent kinds with these targets)
         loss = faults.corrupt_loss(step, loss, replica, n)  nan:loss, inf:loss
         faults.mid_step(step)                               kill, device_error
         faults.corrupt_grads(step, models)                  nan:grad, inf:grad, spike, bitflip:grad
+        faults.before_update(step, models)                  bitflip:late (after the check)
         save_checkpoint(..., before_commit=faults.before_commit(step))         kill:ckpt
         faults.strike(step, {"rollout1": pid})              another role's kill, hang
 
@@ -254,7 +263,7 @@ class FaultInjector:
         return loss
 
     def corrupt_grads(self, step: int, models: list[torch.nn.Module]) -> None:
-        for fault in self._take(step, "nan:grad", "inf:grad", "spike:grad", "bitflip:grad"):
+        for fault in self._take(step, "nan:grad", "inf:grad", "spike:grad", *_silent("grad")):
             rng, hit = self._victim(fault, len(models))
             if hit is None:
                 continue
@@ -264,30 +273,70 @@ class FaultInjector:
                 self._fire(fault, step, replica=replica, factor=SPIKE_FACTOR)
                 for _, grad in named:
                     grad.mul_(SPIKE_FACTOR)
+            elif fault.kind in SILENT_KINDS:
+                self._corrupt_silently(fault, step, rng, replica, named)
             else:
-                self._corrupt_element(fault, step, rng, replica, named)
+                self._poison_element(fault, step, rng, replica, named)
 
-    def corrupt_weights(self, step: int, models: list[torch.nn.Module]) -> None:
-        for fault in self._take(step, "bitflip:weight"):
+    def corrupt_weights(self, step: int, models: list[torch.nn.Module], optimizers: list | None = None) -> None:
+        """Weights (and, given the optimizers, Adam moments) at rest, before STEP's checks."""
+        for fault in self._take(step, *_silent("weight"), *_silent("adam")):
+            rng, hit = self._victim(fault, len(models))
+            if hit is None:
+                continue
+            if fault.target == "weight":
+                named = list(models[hit].named_parameters())
+            else:
+                names = {p: n for n, p in models[hit].named_parameters()}
+                state = optimizers[hit].state if optimizers else {}
+                named = [(f"{names[p]}.{key}", value) for p in names for key, value in sorted(state.get(p, {}).items())
+                         if torch.is_tensor(value) and value.numel() > 1]
+            self._corrupt_silently(fault, step, rng, self.rank * len(models) + hit, named)
+
+    def before_update(self, step: int, models: list[torch.nn.Module]) -> None:
+        """Gradients in the window after the corruption check and before optimizer.step (":late")."""
+        for fault in self._take(step, *_silent("late")):
             rng, hit = self._victim(fault, len(models))
             if hit is not None:
-                self._corrupt_element(fault, step, rng, self.rank * len(models) + hit,
-                                      list(models[hit].named_parameters()))
+                named = [(n, p.grad) for n, p in models[hit].named_parameters() if p.grad is not None]
+                self._corrupt_silently(fault, step, rng, self.rank * len(models) + hit, named)
 
-    def _corrupt_element(self, fault, step, rng, replica, named: list[tuple[str, torch.Tensor]]) -> None:
-        """One element of one tensor: a flipped bit (bitflip) or a NaN/inf (nan:grad, inf:grad);
-        `replica` is the victim's number across the job, for the record."""
+    def _corrupt_silently(self, fault, step, rng, replica, named: list[tuple[str, torch.Tensor]]) -> None:
+        """A silent kind on one tensor of `named`; `replica` is the victim's number across the job,
+        for the record. Nothing to corrupt (no Adam moments before the first update, a swap of equal
+        elements) is recorded with damaged=None, which the chaos report leaves out."""
+        if not named:
+            self._fire(fault, step, replica=replica, damaged=None)
+            return
+        name, tensor = named[rng.randrange(len(named))]
+        width, n = 8 * tensor.element_size(), tensor.numel()
+        if fault.kind == "swap":
+            i, j = _two_differing(rng, n, lambda a, b: bool(tensor.view(-1)[a] != tensor.view(-1)[b]))
+            self._fire(fault, step, replica=replica, tensor=name, index=[i, j], damaged=name if i != j else None)
+            with torch.no_grad():
+                flat = tensor.view(-1)
+                flat[[i, j]] = flat[[j, i]].clone()
+            return
+        if fault.kind == "bitpair":
+            bit = rng.randrange(width)
+            bits = tensor.detach().reshape(-1).view(INT_VIEW[tensor.element_size()])
+            i, j = _two_differing(rng, n, lambda a, b: bool((bits[a] ^ bits[b]) >> bit & 1))
+            flips = [(i, bit), (j, bit)]
+        else:
+            flips = [(rng.randrange(n), rng.randrange(width))
+                     for _ in range(1 if fault.kind == "bitflip" else rng.randint(2, 8))]
+        self._fire(fault, step, replica=replica, tensor=name, flips=flips)
+        with torch.no_grad():
+            for index, bit in flips:
+                flip_bit(tensor, index, bit)
+
+    def _poison_element(self, fault, step, rng, replica, named: list[tuple[str, torch.Tensor]]) -> None:
+        """A NaN or inf in one element of one tensor (nan:grad, inf:grad)."""
         name, tensor = named[rng.randrange(len(named))]
         index = rng.randrange(tensor.numel())
-        if fault.kind == "bitflip":
-            bit = rng.randrange(8 * tensor.element_size())
-            self._fire(fault, step, replica=replica, tensor=name, index=index, bit=bit)
-            with torch.no_grad():
-                flip_bit(tensor, index, bit)
-        else:
-            self._fire(fault, step, replica=replica, tensor=name, index=index)
-            with torch.no_grad():
-                tensor.view(-1)[index] = float("nan") if fault.kind == "nan" else float("inf")
+        self._fire(fault, step, replica=replica, tensor=name, index=index)
+        with torch.no_grad():
+            tensor.view(-1)[index] = float("nan") if fault.kind == "nan" else float("inf")
 
     def _damage_checkpoint(self, fault: Fault, step: int, checkpoints: Path | None) -> None:
         """Truncate or bit-flip one file of the newest committed checkpoint, then crash."""
@@ -312,3 +361,19 @@ class FaultInjector:
             handle.flush()
             os.fsync(handle.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _silent(target: str) -> list[str]:
+    """The "kind:target" names of every silent kind at one target."""
+    return [f"{kind}:{target}" for kind in SILENT_KINDS]
+
+
+def _two_differing(rng: random.Random, n: int, differ: Callable[[int, int], bool], tries: int = 64) -> tuple[int, int]:
+    """Two element indices for which differ(i, j) holds, drawn at random (up to `tries` draws; the
+    last draw otherwise, which may not differ)."""
+    i = j = 0
+    for _ in range(tries):
+        i, j = rng.randrange(n), rng.randrange(n)
+        if i != j and differ(i, j):
+            break
+    return i, j

@@ -59,12 +59,13 @@ class Incidents:
         self.path, self.role, self.write = Path(run_dir) / INCIDENTS_FILE, role, write
         self.counts: Counter = Counter()
 
-    def record(self, kind: str, step: int | None, detail: str) -> None:
+    def record(self, kind: str, step: int | None, detail: str, **fields) -> None:
+        """One incident; `fields` add to the record (a corruption's `since`: its last passing check)."""
         self.counts[kind] += 1
         if not self.write:
             return
         append_jsonl(self.path, {"kind": kind, "step": step, "detail": detail, "role": self.role,
-                                 "time": time.time(), "pid": os.getpid(), "attempt": attempt_number()})
+                                 "time": time.time(), "pid": os.getpid(), "attempt": attempt_number(), **fields})
         log(f"resilience: {kind} at step {step}: {detail}")
 
 

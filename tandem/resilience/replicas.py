@@ -1,11 +1,12 @@
 """Silent-corruption detection: exact fingerprints of replicas, a vote, a repair or a rollback.
 
-CorruptionDetector: every `check_every` steps, compares fingerprints of the weights and of the
-gradients (an integer checksum per tensor, computed on the device: any single flipped bit changes
-it) across replicas, and with one replica against a recomputation of the same step. A vote finds
-the bad replica (weights: against the fingerprint recorded after the previous update; gradients:
-against a recomputation), which is repaired from a healthy one; with no majority the trainer
-rolls back to the last checkpoint. The replicas are either
+CorruptionDetector: every `check_every` steps, compares fingerprints of the weights (with the
+optimizer's moments) and of the gradients (a BLAKE2b hash of their bytes: any change of any bits
+changes it) across replicas, and with one replica against a recomputation of the same step. Each
+incident it records carries `since`, the last check that passed (the fault came after it: the
+detection latency is at most step - since). A vote finds the bad replica (weights: against the
+fingerprint recorded after the previous update; gradients: against a recomputation), which is
+repaired from a healthy one; with no majority the trainer rolls back to the last checkpoint. The replicas are either
 - in-process model copies fed identical batches (SFT's resilience.replicas: dual modular
   redundancy, 2x compute), or
 - GRPO's data-parallel trainer ranks (RankCorruptionDetector, rl.trainers >= 2): after the
@@ -23,6 +24,7 @@ raises CorruptionError instead of looping (a TrainingFailed: one line, exit 3, t
 from __future__ import annotations
 
 import copy
+import hashlib
 import struct
 from collections import Counter
 from typing import Callable, Iterable
@@ -37,28 +39,40 @@ from tandem.resilience.incidents import Incidents
 # -----------------------------------------------------------------------------------------------
 # Bits and fingerprints
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
     """Flip bit `bit` of element `index` (row-major) of a contiguous tensor, in place, on its device."""
-    ints = tensor.detach().view(-1).view(_INT_VIEW[tensor.element_size()])
+    ints = tensor.detach().view(-1).view(INT_VIEW[tensor.element_size()])
     width = 8 * tensor.element_size()
     mask = -(1 << bit) if bit == width - 1 else 1 << bit  # the sign bit, as the signed type holds it
     ints[index:index + 1].bitwise_xor_(torch.tensor([mask], dtype=ints.dtype, device=ints.device))
 
 
 def fingerprint(tensors: Iterable[torch.Tensor | None]) -> bytes:
-    """Exact integer checksum of each tensor's bits (summed as integers on the device, so the order
-    of summation cannot matter), as bytes. A single flipped bit anywhere changes it; it is not a
-    cryptographic hash (the weight SHA-256 of a checkpoint is model.weights_fingerprint)."""
-    sums = [t.detach().reshape(-1).view(_INT_VIEW[t.element_size()]).sum(dtype=torch.int64)
-            for t in tensors if t is not None]
-    return torch.stack(sums).cpu().numpy().tobytes() if sums else b""
+    """BLAKE2b digest of the tensors' raw bytes, in order (a missing gradient counts as a marker).
+    Any change of the bits is caught with certainty for practical purposes: a flipped bit, several,
+    two opposite flips of one bit position in two elements, or two elements swapped (an integer sum
+    of the bits, used before, missed the last two). Simplification: the bytes are hashed on the
+    host, so on an accelerator each check copies the weights (or gradients) off the device."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is None:
+            digest.update(b"\0none")
+            continue
+        ints = t.detach().contiguous().reshape(-1).view(INT_VIEW[t.element_size()])
+        digest.update(ints.cpu().numpy().tobytes())
+    return digest.digest()
 
 
-def weight_fingerprint(model: torch.nn.Module) -> bytes:
-    return fingerprint(model.parameters())
+def weight_fingerprint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bytes:
+    """A replica's state at rest: its weights and its optimizer's tensors (Adam moments), which a
+    fault corrupts as silently as a weight."""
+    params = list(model.parameters())
+    state = optimizer.state if optimizer is not None else {}
+    moments = [v for p in params for _, v in sorted(state.get(p, {}).items()) if torch.is_tensor(v)]
+    return fingerprint(params + moments)
 
 
 def result_fingerprint(model: torch.nn.Module, loss: float) -> bytes:
@@ -107,7 +121,13 @@ class CorruptionDetector:
         self.every, self.incidents = every, incidents
         self.reference: list[bytes] | None = None   # this process's weight fingerprints after the last update
         self.last_good = 0
+        self.last_checked = 0                       # the newest step whose check (weights or gradients) passed
         self.rollbacks: dict[int, int] = {}         # step -> rollbacks it caused (this process's life)
+
+    def detected(self, step: int, message: str) -> None:
+        """An incident: corruption found at `step`, which happened after step `since` (the last check
+        that passed; the detection latency is at most step - since)."""
+        self.incidents.record("corruption", step, message, since=self.last_checked)
 
     def roll_back(self, step: int, message: str) -> bool:
         """Record a rollback decided at `step` (returns True), or raise CorruptionError when that step
@@ -119,7 +139,7 @@ class CorruptionDetector:
             raise CorruptionError(f"step {step}: fingerprints disagree again after {self.max_rollbacks} rollbacks; "
                                   "the computation is not reproducible (set run.deterministic = true) or this "
                                   "device keeps corrupting data (run elsewhere)")
-        self.incidents.record("corruption", step, message)
+        self.detected(step, message)
         return True
 
     def due(self, step: int) -> bool:
@@ -129,9 +149,10 @@ class CorruptionDetector:
         """After a restore from a checkpoint: the recorded fingerprints no longer apply."""
         self.reference = None
 
-    def remember_weights(self, next_step: int, models: list) -> None:
-        """After an update: record each replica's weight fingerprint if `next_step` is checked."""
-        self.reference = [weight_fingerprint(m) for m in models] if self.due(next_step) else None
+    def remember_weights(self, next_step: int, models: list, optimizers: list) -> None:
+        """After an update: record each replica's state fingerprint if `next_step` is checked."""
+        self.reference = ([weight_fingerprint(m, o) for m, o in zip(models, optimizers)]
+                          if self.due(next_step) else None)
 
     # Where the replicas are: the three methods RankCorruptionDetector replaces.
 
@@ -153,13 +174,13 @@ class CorruptionDetector:
         agreed on after the last update (a vote of its own, so 2 replicas can outvote 1)."""
         if not self.due(step):
             return False
-        now = self.gather([weight_fingerprint(m) for m in models])
+        now = self.gather([weight_fingerprint(m, o) for m, o in zip(models, optimizers)])
         votes = list(now)
         reference = self.gather(self.reference) if self.reference is not None else None
         if reference is not None and len(set(reference)) == 1:
             votes.append(reference[0])
         if len(set(votes)) == 1:
-            self.last_good = step
+            self.last_good = self.last_checked = step
             return False
         winner = majority(votes)
         if winner is None:
@@ -168,8 +189,8 @@ class CorruptionDetector:
         good = now.index(winner)
         bad = [r for r, fp in enumerate(now) if fp != winner]
         self.copy_state(models, optimizers, good, bad)
-        self.incidents.record("corruption", step, f"weights of replica {', '.join(map(str, bad))} changed at rest; "
-                              f"restored from replica {good}")
+        self.detected(step, f"weights or optimizer state of replica {', '.join(map(str, bad))} changed at rest; "
+                      f"restored from replica {good}")
         self.last_good = step
         return False
 
@@ -193,14 +214,14 @@ class CorruptionDetector:
             current = results()
             votes.append(current[0])
         if len(set(votes)) == 1:
+            self.last_checked = step
             return False
         winner = majority(votes)
         good = current.index(winner)
         self.copy_result(models, losses, good, [r for r, fp in enumerate(current) if fp != winner])
         wrong = [str(r) for r, fp in enumerate(first) if fp != winner]
         what = f"replica {', '.join(wrong)}" if wrong else "a recomputation"
-        self.incidents.record("corruption", step, f"gradients of {what} differed from the majority of "
-                              f"{len(votes)} computations; repaired")
+        self.detected(step, f"gradients of {what} differed from the majority of {len(votes)} computations; repaired")
         return False
 
 

@@ -1,4 +1,4 @@
-"""The Task interface: a stream of training examples, a held-out test split, and a reward.
+"""The Task interface: a stream of training examples, held-out validation and test splits, and a reward.
 
 A task produces `Example`s (prompt, final answer, step-by-step scratchpad). The reference assistant
 turn of an example is `format_reasoning(thinking, answer)`, i.e. `<think>…</think><answer>…</answer>`.
@@ -9,12 +9,14 @@ Every random draw comes from a `random.Random` seeded with `stable_seed(...)`, a
 parts, so streams are identical across processes (Python's salted `hash()` is never used).
 
 * `example(index)` (the TRAIN stream) depends on (task params, seed, index) only.
-* `test_set(n)` depends on the task params only (never on the seed): it is the first n of one fixed
-  list of distinct prompts drawn from a separate stream (seed part "test").
+* `test_set(n)` and `validation_set(n)` depend on the task params only (never on the seed): each is
+  the first n of one fixed list of distinct prompts drawn from a separate stream (seed part "test").
 
-Train/test split: a fixed fifth of a task's problem space is held out, chosen by a hash of the
-prompt (`held_out`). The train stream skips held-out prompts; the test list is the first distinct
-held-out prompts of the "test" stream (at most 1000; fewer when the space is small). Both come from
+Three-way split: a fixed fifth of a task's problem space is held out, chosen by a hash of the
+prompt (`held_out`), and the same hash divides it in two halves (`split_of`): validation, for
+choosing settings (a preset's learning rate, steps...), and test, for the claims, never looked at
+while tuning. The train stream skips held-out prompts; each list is the first distinct prompts of
+its half in the "test" stream (at most 1000; fewer when the space is small). Both come from
 the same generator, so the test split has the train stream's distribution minus repeats: no held-out
 problem is of a kind training never shows. (Holding out the first N distinct prompts of a stream
 instead, as an earlier version did, swallowed whole small corners of the space, e.g. every one-digit
@@ -31,8 +33,9 @@ from dataclasses import dataclass, field
 from tandem.errors import ConfigError
 from tandem.reasoning import format_reasoning, parse_reasoning
 
-HELD_OUT = 1000          # the longest test list (distinct held-out prompts)
-HELD_OUT_SHARE = 5       # one prompt in 5 of the problem space is held out
+HELD_OUT = 1000          # the longest test (or validation) list (distinct held-out prompts)
+HELD_OUT_SHARE = 5       # one prompt in 5 of the problem space is held out: half validation, half test
+SPLITS = ("validation", "test")
 _MAX_TRAIN_TRIES = 1000  # draws per train example before giving up (only tiny problem spaces)
 _TEST_CACHE: dict = {}   # (task class, params hash) -> test examples, per process
 
@@ -84,7 +87,6 @@ class Task:
         self.seed = seed
         self.params = {**self.PARAMS, **params}
         self._validate()
-        self._test_examples: list[Example] | None = None
 
     # ---- to implement -------------------------------------------------------------------------
 
@@ -119,40 +121,46 @@ class Task:
 
     # ---- public API ---------------------------------------------------------------------------
 
+    def split_of(self, prompt: str) -> str:
+        """"train", "validation" or "test": a hash of (task name, prompt), so the split does not move
+        when the task's parameters change (a model trained on 2-digit problems and tested on 3-digit
+        ones never sees a test prompt in training)."""
+        bucket = stable_seed("held-out", self.name, prompt) % (2 * HELD_OUT_SHARE)
+        return "test" if bucket == 0 else "validation" if bucket == HELD_OUT_SHARE else "train"
+
     def held_out(self, prompt: str) -> bool:
-        """Whether `prompt` is in the test split: a hash of (task name, prompt), so the split does not
-        move when the task's parameters change (a model trained on 2-digit problems and tested on
-        3-digit ones never sees a test prompt in training)."""
-        return stable_seed("held-out", self.name, prompt) % HELD_OUT_SHARE == 0
+        """Whether `prompt` is kept out of training (validation or test)."""
+        return self.split_of(prompt) != "train"
 
     def held_out_size(self) -> int:
-        """The most test prompts test_set returns (about a fifth of a small problem space)."""
+        """The most prompts test_set (or validation_set) returns (a tenth of a small problem space)."""
         space = self._space_size()
-        return HELD_OUT if space is None else max(1, min(HELD_OUT, space // HELD_OUT_SHARE))
+        return HELD_OUT if space is None else max(1, min(HELD_OUT, space // (2 * HELD_OUT_SHARE)))
 
-    def _test_list(self) -> list[Example]:
-        if self._test_examples is None:
-            key = (type(self), stable_seed(self.name, self.params))
-            if key in _TEST_CACHE:  # the split depends only on (task, params): share it
-                self._test_examples = _TEST_CACHE[key]
-                return self._test_examples
+    def _held_out_list(self, split: str) -> list[Example]:
+        key = (type(self), stable_seed(self.name, self.params), split)
+        if key not in _TEST_CACHE:  # a split depends only on (task, params): share it
             want = self.held_out_size()
             rng = random.Random(stable_seed("test", self.name, self.params))
             examples: list[Example] = []
             seen: set[str] = set()
             tries = 0
-            while len(examples) < want and tries < 20 * HELD_OUT_SHARE * want + 100:
+            while len(examples) < want and tries < 40 * HELD_OUT_SHARE * want + 100:
                 tries += 1
                 ex = self._generate(rng)
-                if ex.prompt not in seen and self.held_out(ex.prompt):
+                if ex.prompt not in seen and self.split_of(ex.prompt) == split:
                     seen.add(ex.prompt)
                     examples.append(ex)
-            self._test_examples = _TEST_CACHE[key] = examples
-        return self._test_examples
+            _TEST_CACHE[key] = examples
+        return _TEST_CACHE[key]
 
     def test_set(self, n: int = 200) -> list[Example]:
-        """The first n examples of the fixed held-out list (fewer if held_out_size() < n)."""
-        return list(self._test_list()[:max(0, n)])
+        """The first n examples of the fixed test list (fewer if held_out_size() < n): for claims."""
+        return list(self._held_out_list("test")[:max(0, n)])
+
+    def validation_set(self, n: int = 200) -> list[Example]:
+        """The first n examples of the fixed validation list, disjoint from the test one: for tuning."""
+        return list(self._held_out_list("validation")[:max(0, n)])
 
     def example(self, index: int) -> Example:
         """Training example number `index`: deterministic in (params, seed, index), never a test prompt."""

@@ -22,7 +22,7 @@ import random
 import re
 from fractions import Fraction
 
-from tandem.errors import ConfigError, DataError
+from tandem.errors import ConfigError, DataError, TandemError
 from tandem.reasoning import parse_reasoning
 from tandem.tasks.base import Example, Task, stable_seed
 
@@ -182,6 +182,10 @@ class JsonlTask(Task):
 
     def test_set(self, n: int = 200) -> list[Example]:
         return list(self.test_rows[:max(0, n)])
+
+    def validation_set(self, n: int = 200) -> list[Example]:
+        raise TandemError(f"{self.path} has no validation split (its held-out rows are its test split); "
+                          "tune on a separate .jsonl file, or evaluate with --split test")
 
     def example(self, index: int) -> Example:
         """Train row for `index`: epoch index // rows, in a shuffled order fixed by (seed, epoch)."""

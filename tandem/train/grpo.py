@@ -396,7 +396,7 @@ class GRPOTrainer:
             if self.leader:
                 self.pending = self.rewind(self.step, [following] if following is not None else [])
             return True
-        self.detector.remember_weights(self.step + 1, [self.model])
+        self.detector.remember_weights(self.step + 1, [self.model], [self.optimizer])
         update_seconds = accel.timer(self.device) - t_update
         self.step = done = self.step + 1
         if not self.leader:
@@ -418,7 +418,7 @@ class GRPOTrainer:
             self.heartbeat.beat(step)
             self.faults.start_of_step(step, checkpoints=self.ckpt_root)
             self.faults.strike(step, self.rollouts.pids())
-        self.faults.corrupt_weights(step, [self.model])
+        self.faults.corrupt_weights(step, [self.model], [self.optimizer])
         if not self.detector.check_weights(step, [self.model], [self.optimizer]):
             return True
         self.step = self.rollback(step, self.detector.last_good)
@@ -512,6 +512,7 @@ class GRPOTrainer:
             if verdict.action == "rollback":
                 return grad_norm, skipped, self.guard.trouble_start(step)
             if verdict.action == "update":
+                self.faults.before_update(step, [model])
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return grad_norm, skipped, None

@@ -301,7 +301,7 @@ class SFTTrainer:
             self.heartbeat.beat(step)
         t0 = accel.timer(self.device)
         faults.start_of_step(step, checkpoints=self.ckpt_root)
-        faults.corrupt_weights(step, models)
+        faults.corrupt_weights(step, models, self.optimizers)
         if detector.check_weights(step, models, self.optimizers):
             self.step = self.rollback(step, detector.last_good)
             return False
@@ -335,7 +335,7 @@ class SFTTrainer:
         grad_norm = self.apply(step, losses[0])
         if grad_norm is None:
             return False
-        detector.remember_weights(step + 1, models)
+        detector.remember_weights(step + 1, models, self.optimizers)
         self.record(step + 1, losses[0], lr, grad_norm, sum(b.tokens for b in micro), accel.timer(self.device) - t0)
         return True
 
@@ -352,6 +352,7 @@ class SFTTrainer:
             self.step = self.rollback(step, self.guard.trouble_start(step))
             return None
         if verdict.action == "update":
+            self.faults.before_update(step, self.models)
             for optimizer in self.optimizers:
                 optimizer.step()
         else:

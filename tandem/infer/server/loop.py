@@ -51,6 +51,7 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.running = self.waiting = 0          # snapshots for /metrics and /health
         self.steps = 0
+        self.sequence_steps = 0                  # sequences advanced, summed over steps: / steps = mean batch
         self.faults = self.failed = 0            # failed steps, and the sequences they ended
         self.rebuilds, self.rebuild_seconds = 0, 0.0     # engines rebuilt, and the seconds that took
         self.recovering = False                  # between a failed step and the loop being able to serve again
@@ -116,6 +117,7 @@ class EngineLoop:
                     self._drop(jobs)
                     self.recovering = False
                 self.steps += 1
+                self.sequence_steps += len({out.request_id for out in outputs})
                 now = time.perf_counter()
                 batch = []
                 for out in outputs:

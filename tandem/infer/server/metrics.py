@@ -58,6 +58,9 @@ class _LiveCollector:
         gauges, engine_loop = self.live()
         counts = engine_loop or _NoEngine
         yield CounterMetricFamily("tandem_engine_steps_total", "Engine decode steps run.", value=counts.steps)
+        yield CounterMetricFamily("tandem_engine_sequence_steps_total",
+                                  "Sequences advanced by engine steps, summed over steps (/ steps: the mean batch).",
+                                  value=counts.sequence_steps)
         yield CounterMetricFamily("tandem_engine_faults_total", "Engine steps that raised.", value=counts.faults)
         yield CounterMetricFamily("tandem_requests_failed_total", "Sequences ended by a failed engine step.",
                                   value=counts.failed)
@@ -71,5 +74,5 @@ class _LiveCollector:
 
 class _NoEngine:
     """The engine thread's counts before the model has loaded."""
-    steps = faults = failed = rebuilds = 0
+    steps = sequence_steps = faults = failed = rebuilds = 0
     rebuild_seconds = 0.0
