@@ -436,6 +436,8 @@ def validate(cfg: Config) -> None:
            "export.formats", 'a list of distinct "hf", "gguf"', x.formats)
     _check(x.hf_dtype in ("auto", "fp32", "bf16", "fp16"), "export.hf_dtype", "auto, fp32, bf16, fp16", x.hf_dtype)
     _check(x.gguf_type in ("f32", "f16", "q8_0"), "export.gguf_type", "f32, f16, q8_0", x.gguf_type)
+    _check(not (m.is_latent and "gguf" in x.formats), "export.formats", '["hf"] for model.arch = "deepseek_v3" '
+           "(its GGUF export, llama.cpp's deepseek2, is not implemented yet)", x.formats)
     _check(x.gate_n >= 1, "export.gate_n", ">= 1", x.gate_n)
     _validate_resilience(cfg.resilience)
     if not cfg.run.deterministic and (cfg.resilience.check_every or cfg.resilience.replicas > 1):

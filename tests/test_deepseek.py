@@ -201,3 +201,13 @@ def test_moe_preset_is_deepseek_shaped_with_tiny_active_parameters():
     moe.vocab_size = tiny.vocab_size = 512
     assert abs(moe.num_parameters(active=True) / tiny.num_parameters() - 1) < 0.05
     assert moe.kv_cache_values_per_token() < tiny.kv_cache_values_per_token() / 2
+
+
+def test_gguf_export_of_deepseek_is_refused_in_one_line():
+    from tandem.config import load_config
+    from tandem.errors import ConfigError, TandemError
+    from tandem.export.gguf import write_gguf
+    with pytest.raises(ConfigError, match="export.formats.*deepseek2"):
+        load_config(preset="moe", overrides=['export.formats=["hf", "gguf"]'])
+    with pytest.raises(TandemError, match="not implemented yet; export it with --format hf"):
+        write_gguf(tiny_deepseek_config(), {}, None, "unused.gguf")

@@ -170,3 +170,19 @@ def test_moe_sft_resume_is_bitwise_exact(tmp_path):
     assert weights_fingerprint(straight) == weights_fingerprint(resumed)
     # an odd number of +-gamma steps cannot cancel out: the bias moved (and was restored on resume)
     assert straight["model.layers.1.mlp.gate.e_score_correction_bias"].abs().max() > 0
+
+
+def test_preflight_knows_which_targets_serve_deepseek_and_its_shape_rules(tmp_path):
+    from tandem.preflight import preflight
+    folder = _hf_deepseek_folder(tmp_path / "ds")
+    cpu = preflight(folder, "cpu")
+    assert cpu["ok"] and cpu["arch"] == "DeepseekV3ForCausalLM"
+    assert any(c["check"] == "moe_mla_shape" and "8 experts in 4 groups" in c["message"] for c in cpu["checks"])
+    vllm = preflight(folder, "vllm", tp=3)
+    status = {c["check"]: c["status"] for c in vllm["checks"]}
+    assert status["architecture"] == "ok" and status["mla_cache_width_in"] == "warn"
+    assert status["moe_tp_divisible"] == "fail" and not any(k.startswith("head_dim") for k in status)
+    assert {c["check"]: c["status"] for c in preflight(folder, "vllm", tp=2)["checks"]}["moe_tp_divisible"] == "ok"
+    llamacpp = preflight(folder, "llamacpp")
+    arch = next(c for c in llamacpp["checks"] if c["check"] == "architecture")
+    assert arch["status"] == "fail" and "not implemented yet" in arch["source"]
