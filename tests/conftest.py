@@ -34,6 +34,18 @@ def tiny_deepseek_config(**overrides):
     return ModelConfig(**{**base, **overrides})
 
 
+def prefill_then_decode(model, ids, prefill: int, cache_len: int = 32):
+    """Logits of `ids` [B, T] computed with a fresh KV cache: one prefill of the first `prefill`
+    tokens, then one decode step per remaining token (compare with model(ids))."""
+    B, T = ids.shape
+    positions = torch.arange(T).expand(B, T)
+    cache = model.new_cache(B, cache_len)
+    with torch.no_grad():
+        parts = [model(ids[:, :prefill], positions[:, :prefill], cache)] + \
+                [model(ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(prefill, T)]
+    return torch.cat(parts, 1), cache
+
+
 def fragile_llama(file: str) -> str:
     """Stands in for llama.cpp's run of a GGUF file in infer/gguf_probe.py's child: it reads the
     file the parent exported, then on q8_0 dereferences NULL (a real segfault, in C) and on f16

@@ -4,7 +4,7 @@ block and whole-model logits with copied weights; the MLA latent cache against f
 import pytest
 import torch
 
-from conftest import tiny_deepseek_config
+from conftest import prefill_then_decode, tiny_deepseek_config
 from tandem.architectures import build_model, model_from_state
 from tandem.deepseek import DeepseekV3, LatentCache, Router
 
@@ -103,15 +103,12 @@ def test_latent_cache_prefill_then_decode_equals_full_forward():
     config = tiny_deepseek_config()
     model = randomised(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 12))
-    positions = torch.arange(12).expand(2, 12)
-    cache = model.new_cache(2, 32)
-    assert isinstance(cache, LatentCache)
-    assert cache.kv[0].shape == (2, 32, config.kv_lora_rank + config.qk_rope_head_dim)
     with torch.no_grad():
         full = model(ids)
-        parts = [model(ids[:, :7], positions[:, :7], cache)] + \
-                [model(ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(7, 12)]
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
+    cached, cache = prefill_then_decode(model, ids, 7)
+    assert isinstance(cache, LatentCache)
+    assert cache.kv[0].shape == (2, 32, config.kv_lora_rank + config.qk_rope_head_dim)
+    assert (cached - full).abs().max() < 1e-4
 
 
 def test_parameter_counts_and_fp32_router():

@@ -186,3 +186,30 @@ def test_preflight_knows_which_targets_serve_deepseek_and_its_shape_rules(tmp_pa
     llamacpp = preflight(folder, "llamacpp")
     arch = next(c for c in llamacpp["checks"] if c["check"] == "architecture")
     assert arch["status"] == "fail" and "not implemented yet" in arch["source"]
+
+
+def test_the_server_and_chat_serve_the_moe_run_unchanged(moe_run):
+    import openai
+    from test_server import free_port, serve, wait_healthy
+    port = free_port()
+    proc = serve(str(moe_run), port)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "What is 3 + 4?"}]
+        reply = client.chat.completions.create(model="moe", messages=messages, max_tokens=8, temperature=0, n=2)
+        assert len(reply.choices) == 2 and reply.usage.completion_tokens > 0
+        assert reply.choices[0].message.content == reply.choices[1].message.content   # greedy, batched together
+        stream = client.chat.completions.create(model="moe", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == reply.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    import subprocess
+    import sys
+    from conftest import ROOT
+    chat = subprocess.run([sys.executable, "-m", "tandem.cli", "chat", "--model", str(moe_run), "--max-new-tokens", "8"],
+                          input="What is 3 + 4?\n\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert chat.returncode == 0 and "tandem>" in chat.stdout, chat.stderr

@@ -35,14 +35,3 @@ def balance_experts(model: torch.nn.Module, updated: bool, group=None) -> None:
                 router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
             router.load.zero_()
 
-
-def expert_imbalance(model: torch.nn.Module) -> float | None:
-    """max/mean of the tokens per expert counted since the last step, over all MoE layers (None
-    for a dense model or before any counted forward)."""
-    if not isinstance(model, DeepseekV3):
-        return None
-    loads = torch.stack([router.load for router in model.routers()])
-    mean = loads.mean(-1)
-    if not bool((mean > 0).all()):
-        return None
-    return float((loads.max(-1).values / mean).max())
