@@ -155,7 +155,9 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() move the router but keep it fp32 (a bf16 bias would round away gamma steps).
-        return super()._apply(lambda t: t.to(fn(t).device) if t.is_floating_point() else fn(t), recurse)
+        # (A meta tensor, which has no data to keep, takes fn as is: to_empty and friends still work.)
+        return super()._apply(lambda t: t.to(fn(t).device) if t.is_floating_point() and not t.is_meta else fn(t),
+                              recurse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (sigmoid scores [N, E] fp32, expert ids [N, k], weights [N, k] fp32)."""
