@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.errors import ConfigError
-from tandem.model import ModelConfig
+from tandem.model import ARCHITECTURES, LATENT_FIELDS, ModelConfig
 from tandem.tomlcompat import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -287,7 +287,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
         section, name, value = parse_override(text)
         _apply(cfg, section, {name: value}, "--set")
         head_dim_given |= (section, name) == ("model", "head_dim")
-    if not head_dim_given:  # derived from the final width and head count, like HF's default
+    if cfg.model.is_latent:  # HF DeepseekV3Config: head_dim is the rotary width
+        cfg.model.head_dim = cfg.model.qk_rope_head_dim
+    elif not head_dim_given:  # derived from the final width and head count, like HF's default
         cfg.model.head_dim = cfg.model.hidden_size // max(1, cfg.model.num_attention_heads)
     validate(cfg)
     return cfg
@@ -349,6 +351,34 @@ def _validate_rl(cfg: Config) -> None:
     _check(0 <= w.port < 65536, "rollout.port", "0..65535 (0 = any free port)", w.port)
 
 
+def _validate_latent(m: ModelConfig) -> None:
+    """MLA + DeepSeekMoE shape rules (deepseek_v3); on a dense arch none of their fields may be set."""
+    if not m.is_latent:
+        for key in LATENT_FIELDS:
+            _check(getattr(m, key) == 0, f"model.{key}", f'0 on arch {m.arch!r} (MLA/MoE fields need '
+                   f'model.arch = "deepseek_v3")', getattr(m, key))
+        return
+    for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "n_routed_experts",
+                "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+        _check(getattr(m, key) > 0, f"model.{key}", "> 0 for deepseek_v3", getattr(m, key))
+    _check(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+           "an even number > 0", m.qk_rope_head_dim)
+    _check(m.num_key_value_heads == m.num_attention_heads, "model.num_key_value_heads",
+           "= model.num_attention_heads for deepseek_v3 (MLA has no grouped-query heads)", m.num_key_value_heads)
+    _check(m.num_experts_per_tok <= m.n_routed_experts, "model.num_experts_per_tok",
+           f"<= model.n_routed_experts ({m.n_routed_experts})", m.num_experts_per_tok)
+    _check(m.n_routed_experts % m.n_group == 0, "model.n_routed_experts",
+           f"a multiple of model.n_group ({m.n_group})", m.n_routed_experts)
+    _check(m.topk_group <= m.n_group, "model.topk_group", f"<= model.n_group ({m.n_group})", m.topk_group)
+    _check(m.num_experts_per_tok <= m.topk_group * (m.n_routed_experts // m.n_group), "model.num_experts_per_tok",
+           "<= the experts in the kept groups (topk_group x n_routed_experts / n_group)", m.num_experts_per_tok)
+    _check(0 <= m.first_k_dense_replace <= m.num_hidden_layers, "model.first_k_dense_replace",
+           f"0..model.num_hidden_layers ({m.num_hidden_layers})", m.first_k_dense_replace)
+    _check(m.routed_scaling_factor > 0, "model.routed_scaling_factor", "> 0", m.routed_scaling_factor)
+    _check(m.bias_update_speed >= 0, "model.bias_update_speed", ">= 0 (0 = off)", m.bias_update_speed)
+    _check(m.aux_loss_alpha >= 0, "model.aux_loss_alpha", ">= 0 (0 = off)", m.aux_loss_alpha)
+
+
 def _validate_resilience(r: ResilienceConfig) -> None:
     from tandem.resilience.faults import parse_schedule
     parse_schedule(r.faults)
@@ -381,7 +411,8 @@ def validate(cfg: Config) -> None:
     m, s = cfg.model, cfg.sft
     _validate_finite(cfg)
     _validate_rl(cfg)
-    _check(m.arch in ("llama", "qwen2"), "model.arch", "llama, qwen2", m.arch)
+    _check(m.arch in ARCHITECTURES, "model.arch", ", ".join(ARCHITECTURES), m.arch)
+    _validate_latent(m)
     _check(m.hidden_size > 0 and m.num_hidden_layers > 0, "model.hidden_size", "> 0", m.hidden_size)
     _check(m.num_attention_heads > 0 and m.num_key_value_heads > 0
            and m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
@@ -410,6 +441,8 @@ def validate(cfg: Config) -> None:
            "export.formats", 'a list of distinct "hf", "gguf"', x.formats)
     _check(x.hf_dtype in ("auto", "fp32", "bf16", "fp16"), "export.hf_dtype", "auto, fp32, bf16, fp16", x.hf_dtype)
     _check(x.gguf_type in ("f32", "f16", "q8_0"), "export.gguf_type", "f32, f16, q8_0", x.gguf_type)
+    _check(not (m.is_latent and "gguf" in x.formats), "export.formats", '["hf"] for model.arch = "deepseek_v3" '
+           "(its GGUF export, llama.cpp's deepseek2, is not implemented yet)", x.formats)
     _check(x.gate_n >= 1, "export.gate_n", ">= 1", x.gate_n)
     _validate_resilience(cfg.resilience)
     if not cfg.run.deterministic and (cfg.resilience.check_every or cfg.resilience.replicas > 1):

@@ -18,6 +18,7 @@ import torch
 
 from tandem import accel
 from tandem.errors import ModelError
+from tandem.architectures import model_from_state
 from tandem.model import ModelConfig, Transformer, weights_fingerprint
 from tandem.tokenizer import ChatTokenizer
 from tandem.train.checkpoint import latest_valid, load_checkpoint
@@ -111,7 +112,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> Lo
     torch_dtype = accel.resolve_dtype(dtype, target)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    model = Transformer.from_checkpoint_state(config, weights, target, torch_dtype).eval()
+    model = model_from_state(config, weights, target, torch_dtype).eval()
     info["fingerprint"] = weights_fingerprint(weights, torch.float32)
     info["parameters"] = config.num_parameters()
     return LoadedModel(model, tokenizer, info)

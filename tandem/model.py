@@ -1,4 +1,4 @@
-"""A Llama / Qwen2-compatible decoder-only transformer.
+"""A Llama / Qwen2-compatible decoder-only transformer (DeepSeek-V3 builds on it: tandem/deepseek.py).
 
 Parameter names and config fields map one-to-one onto Hugging Face `LlamaForCausalLM` and
 `Qwen2ForCausalLM` (Qwen2 = Llama + q/k/v biases), so an export loads unchanged in transformers,
@@ -29,13 +29,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHITECTURES = ("llama", "qwen2")
+DENSE_ARCHS = ("llama", "qwen2")
+ARCHITECTURES = DENSE_ARCHS + ("deepseek_v3",)
+# The DeepSeek-V3 fields (MLA + DeepSeekMoE): 0 on a dense arch, > 0 (or as validated) on deepseek_v3.
+LATENT_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "first_k_dense_replace", "n_group", "topk_group")
 
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. Field names follow HF `LlamaConfig` / `Qwen2Config`."""
-    arch: str = "llama"                  # "llama" or "qwen2" (qwen2 adds q/k/v biases)
+    """Decoder shape. Field names follow HF `LlamaConfig` / `Qwen2Config` / `DeepseekV3Config`."""
+    arch: str = "llama"                  # "llama", "qwen2" (adds q/k/v biases) or "deepseek_v3" (MLA + MoE)
     vocab_size: int = 512                # set from the tokenizer when training from scratch
     hidden_size: int = 128               # model width
     intermediate_size: int = 384         # SwiGLU inner width
@@ -48,8 +53,32 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True     # lm_head shares the embedding matrix
     initializer_range: float = 0.02      # std of the normal init
+    # deepseek_v3 only (HF DeepseekV3Config names; see tandem/deepseek.py). head_dim is then
+    # qk_rope_head_dim (as in HF), num_key_value_heads = num_attention_heads, and intermediate_size
+    # the width of the first_k_dense_replace dense layers' MLP.
+    q_lora_rank: int = 0                 # query down-projection rank (q_a_proj), > 0
+    kv_lora_rank: int = 0                # the cached latent's width (kv_a_proj_with_mqa), > 0
+    qk_nope_head_dim: int = 0            # per-head query/key width without rotary
+    qk_rope_head_dim: int = 0            # per-head query width with rotary; the one shared rotary key's width
+    v_head_dim: int = 0                  # per-head value width
+    n_routed_experts: int = 0            # routed experts per MoE layer
+    n_shared_experts: int = 0            # always-on experts (one MLP of n_shared x moe_intermediate_size)
+    num_experts_per_tok: int = 0         # top-k routed experts per token
+    moe_intermediate_size: int = 0       # each expert's SwiGLU width
+    first_k_dense_replace: int = 0       # the first k layers have a dense MLP instead of MoE
+    n_group: int = 0                     # expert groups; routing keeps the topk_group best groups
+    topk_group: int = 0
+    routed_scaling_factor: float = 1.0   # routed-expert weights are multiplied by this
+    norm_topk_prob: bool = True          # normalise the top-k weights to sum 1 (before the scaling)
+    rope_interleave: bool = True         # rotary on adjacent pairs (DeepSeek, llama.cpp); false: rotate-half
+    # Load balancing while training (DeepSeek-V3 paper, section 2.1.2); not part of HF's config.
+    bias_update_speed: float = 0.001     # gamma: after each optimizer step every router bias moves by gamma,
+                                         # down for experts above the mean load, up below it (0 = off)
+    aux_loss_alpha: float = 0.0          # alpha of the sequence-wise balance loss (0 = off; DeepSeek 1e-4)
 
     def __post_init__(self):
+        if self.arch == "deepseek_v3":
+            self.head_dim = self.qk_rope_head_dim
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
@@ -65,17 +94,45 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def num_parameters(self) -> int:
+    @property
+    def is_latent(self) -> bool:
+        """MLA attention + DeepSeekMoE (deepseek_v3)."""
+        return self.arch == "deepseek_v3"
+
+    def _attention_parameters(self) -> int:
         d, h, kv, hd = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
-        attn = d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.attention_bias else 0)
-        layer = attn + 3 * d * self.intermediate_size + 2 * d
+        if not self.is_latent:
+            return d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.attention_bias else 0)
+        q, r, rope = self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim
+        qk = self.qk_nope_head_dim + rope
+        return (d * q + q + q * h * qk + d * (r + rope) + r + r * h * (self.qk_nope_head_dim + self.v_head_dim)
+                + h * self.v_head_dim * d)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Weights (router biases included); active: those one token uses (its top-k experts only)."""
+        d = self.hidden_size
+        dense_layers = self.first_k_dense_replace if self.is_latent else self.num_hidden_layers
+        moe_layers = self.num_hidden_layers - dense_layers
+        experts = self.num_experts_per_tok if active else self.n_routed_experts
+        moe = 3 * d * self.moe_intermediate_size * (experts + self.n_shared_experts) + \
+            self.n_routed_experts * (d + 1)
+        layers = self.num_hidden_layers * (self._attention_parameters() + 2 * d) + \
+            dense_layers * 3 * d * self.intermediate_size + moe_layers * moe
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_hidden_layers * layer + d + head
+        return self.vocab_size * d + layers + d + head
+
+    def kv_cache_values_per_token(self) -> int:
+        """Values the KV cache holds per token over all layers: keys + values per kv head, or for MLA
+        the latent + the rotary key."""
+        if self.is_latent:
+            return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
     def flops_per_token(self) -> int:
-        """Forward matmul FLOPs per token (2 x weights touched), attention scores excluded."""
+        """Forward matmul FLOPs per token (2 x weights touched: active experts only), attention
+        scores excluded."""
         embed = self.vocab_size * self.hidden_size
-        return 2 * (self.num_parameters() - embed * (1 if self.tie_word_embeddings else 2) + embed)
+        return 2 * (self.num_parameters(active=True) - embed * (1 if self.tie_word_embeddings else 2) + embed)
 
 
 class RMSNorm(nn.Module):
@@ -151,23 +208,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int = 0):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = attention or Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp or MLP(config)
 
     def forward(self, x, cos, sin, cache, layer, slots, positions, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
@@ -177,23 +235,28 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """HF's `model.` prefix: embeddings, layers, final norm."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, make_layer):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Transformer(nn.Module):
+    keep_fp32: tuple[str, ...] = ()   # names (suffixes) of tensors kept fp32 whatever the model's dtype
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = DecoderStack(config)
+        self.model = DecoderStack(config, self.make_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope_cache: tuple | None = None
         self.reset_parameters()
+
+    def make_layer(self, index: int) -> nn.Module:
+        return DecoderLayer(self.config)
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms (HF's init)."""
@@ -286,7 +349,8 @@ class Transformer(nn.Module):
         bf16 model on an accelerator. Tensors already there are used as they are, not copied."""
         with torch.device("meta"):
             model = cls(config)
-        model.load_checkpoint_state({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+        model.load_checkpoint_state({k: v.to(device=device, dtype=torch.float32 if k.endswith(cls.keep_fp32) and dtype
+                                             else dtype) for k, v in state.items()}, assign=True)
         return model
 
 

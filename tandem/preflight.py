@@ -91,7 +91,15 @@ def _rule(rule: dict, facts: dict, dtype: str, tp: int) -> tuple[str, str] | Non
         return None
     check, value, values = rule["check"], rule.get("value"), rule.get("values")
     bad, actual = False, None
-    if check == "dtype_in":
+    if c.is_latent and check.startswith("head_dim") or not c.is_latent and check.startswith(("mla_", "moe_")):
+        return None     # MLA runs its own attention kernels: per-head rules do not apply, and vice versa
+    if check == "mla_cache_width_in":
+        bad, actual = c.kv_lora_rank + c.qk_rope_head_dim not in values, c.kv_lora_rank + c.qk_rope_head_dim
+    elif check == "moe_tp_divisible":
+        if tp <= 1:
+            return None
+        value, bad, actual = tp, c.moe_intermediate_size % tp != 0, c.moe_intermediate_size
+    elif check == "dtype_in":
         bad, actual = dtype not in values, dtype
     elif check == "head_dim_in":
         bad, actual = c.head_dim not in values, c.head_dim
@@ -141,6 +149,25 @@ def _gguf_cpu_check(dtype: str, gguf_probe) -> tuple[str, str] | None:
     return "fail", found + fix
 
 
+def _shape_checks(c, add) -> None:
+    """The model's shape (and its MLA/MoE shape) as info lines; a head_dim convention warning."""
+    add("shape", "ok", f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, head_dim {c.head_dim}, "
+        f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv (GQA ratio "
+        f"{c.num_attention_heads // c.num_key_value_heads}), vocab {c.vocab_size}, "
+        f"context {c.max_position_embeddings}", "model config")
+    if c.is_latent:
+        add("moe_mla_shape", "ok", f"MLA: kv_lora_rank {c.kv_lora_rank} + rope {c.qk_rope_head_dim} cached per token "
+            f"(q_lora_rank {c.q_lora_rank}, nope {c.qk_nope_head_dim}, v {c.v_head_dim}); MoE: {c.n_routed_experts} "
+            f"experts in {c.n_group} groups (keep {c.topk_group}), top-{c.num_experts_per_tok}, {c.n_shared_experts} "
+            f"shared, first {c.first_k_dense_replace} layer(s) dense", "model config")
+    derived = c.hidden_size // c.num_attention_heads
+    if c.head_dim != derived and not c.is_latent:
+        add("head_dim_convention", "warn",
+            f"head_dim {c.head_dim} differs from hidden_size / num_attention_heads ({derived}); config.json says so "
+            "and transformers, vLLM and llama.cpp read it, but loaders that derive it build wrong shapes",
+            "NVIDIA/TensorRT-LLM#5913 (Qwen config derived head_dim, broke Qwen3-32B); vllm-project/speculators#134")
+
+
 def preflight(model: str | Path, target: str, dtype: str | None = None, tp: int = 1, gguf_probe=None) -> dict:
     """Run every check of `target` on `model`; returns the JSON-able report. `gguf_probe` replaces
     the llama.cpp run of infer/gguf_probe.py (tests)."""
@@ -171,16 +198,7 @@ def preflight(model: str | Path, target: str, dtype: str | None = None, tp: int 
         f"serving in {dtype}" if ok_dtype else
         f"{target} does not serve in {dtype}; use one of {', '.join(t['dtypes'])} (--dtype, and export with it)",
         t.get("dtypes_source", ""))
-    add("shape", "ok", f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, head_dim {c.head_dim}, "
-        f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv (GQA ratio "
-        f"{c.num_attention_heads // c.num_key_value_heads}), vocab {c.vocab_size}, "
-        f"context {c.max_position_embeddings}", "model config")
-    derived = c.hidden_size // c.num_attention_heads
-    if c.head_dim != derived:
-        add("head_dim_convention", "warn",
-            f"head_dim {c.head_dim} differs from hidden_size / num_attention_heads ({derived}); config.json says so "
-            "and transformers, vLLM and llama.cpp read it, but loaders that derive it build wrong shapes",
-            "NVIDIA/TensorRT-LLM#5913 (Qwen config derived head_dim, broke Qwen3-32B); vllm-project/speculators#134")
+    _shape_checks(c, add)
     for rule in t.get("rules", []):
         result = _rule(rule, facts, dtype, tp)
         if result is not None:

@@ -27,6 +27,31 @@ def tiny_model_config(**overrides):
     return ModelConfig(**{**base, **overrides})
 
 
+def tiny_deepseek_config(**overrides):
+    """A DeepSeek-V3 shape small enough for unit tests: 3 layers (the first dense), 8 experts in 4
+    groups, top-2 from the 2 best groups, one shared expert."""
+    from tandem.model import ModelConfig
+    base = dict(arch="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                tie_word_embeddings=False, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=4,
+                topk_group=2, routed_scaling_factor=2.5)
+    return ModelConfig(**{**base, **overrides})
+
+
+def prefill_then_decode(model, ids, prefill: int, cache_len: int = 32):
+    """Logits of `ids` [B, T] computed with a fresh KV cache: one prefill of the first `prefill`
+    tokens, then one decode step per remaining token (compare with model(ids))."""
+    B, T = ids.shape
+    positions = torch.arange(T).expand(B, T)
+    cache = model.new_cache(B, cache_len)
+    with torch.no_grad():
+        parts = [model(ids[:, :prefill], positions[:, :prefill], cache)] + \
+                [model(ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(prefill, T)]
+    return torch.cat(parts, 1), cache
+
+
 def fragile_llama(file: str) -> str:
     """Stands in for llama.cpp's run of a GGUF file in infer/gguf_probe.py's child: it reads the
     file the parent exported, then on q8_0 dereferences NULL (a real segfault, in C) and on f16

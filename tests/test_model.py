@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import prefill_then_decode, tiny_model_config
 from tandem.model import ModelConfig, Transformer, model_fingerprint, weights_fingerprint
 
 
@@ -44,13 +44,9 @@ def test_cache_prefill_then_decode_equals_full_forward():
     config = tiny_model_config()
     model = Transformer(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 12))
-    positions = torch.arange(12).expand(2, 12)
-    cache = model.new_cache(2, 32)
     with torch.no_grad():
         full = model(ids)
-        parts = [model(ids[:, :7], positions[:, :7], cache)] + \
-                [model(ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(7, 12)]
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    assert torch.allclose(prefill_then_decode(model, ids, 7)[0], full, atol=1e-5)
 
 
 def test_bf16_forward_runs_and_is_close():

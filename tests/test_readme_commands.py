@@ -42,6 +42,7 @@ FEW_STEPS = [a for kv in ("sft.steps=4", "sft.checkpoint_every=2", "eval.n=4", "
 COMMANDS = [
     # README "A quick tour of the CLI" (also "Chat with your model": its pipeline line is this one)
     ("tandem pipeline --preset tiny --out runs/demo", FEW_STEPS, {0}),
+    ("tandem pipeline --preset moe  --out runs/moe", FEW_STEPS, {0}),
     ("tandem sft      --preset smoke --out runs/s1", [], {0}),
     ("tandem sft      --preset smoke --init runs/s1 --out runs/s2 --set sft.steps=400", ["--set", "sft.steps=8"], {0}),
     ("tandem rl       --preset smoke --init runs/s1 --out runs/r1", FEW_STEPS, {0}),

@@ -103,6 +103,9 @@ def write_gguf(config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer:
     gguf = _gguf()
     if out_type not in GGUF_TYPES:
         raise TandemError(f"unknown GGUF type '{out_type}'; use one of {', '.join(GGUF_TYPES)}")
+    if config.is_latent:
+        raise TandemError(f"GGUF export of {config.arch} (llama.cpp's deepseek2) is not implemented yet; "
+                          "export it with --format hf")
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config.arch]
     Q = gguf.GGMLQuantizationType
     matrix_type = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[out_type]

@@ -1,4 +1,4 @@
-"""Hugging Face format: export a tandem model as an HF Llama/Qwen2 folder, and import one back.
+"""Hugging Face format: export a tandem model as an HF Llama/Qwen2/DeepseekV3 folder, and import one back.
 
     tandem export --model runs/demo --format hf --out exports/demo-hf
     python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('exports/demo-hf')"
@@ -6,7 +6,8 @@
 An export folder holds exactly what `transformers.AutoModelForCausalLM` / `AutoTokenizer` (and so
 vLLM, vLLM-Ascend and MindIE, which read the same files) expect:
 
-    config.json                    LlamaForCausalLM or Qwen2ForCausalLM, dtype, special token ids
+    config.json                    LlamaForCausalLM, Qwen2ForCausalLM or DeepseekV3ForCausalLM, dtype,
+                                   special token ids
     model.safetensors              weights under HF names (lm_head dropped when tied, as HF does);
       or model-0000i-of-0000n.safetensors + model.safetensors.index.json above --max-shard-size
     generation_config.json         eos = <|im_end|>, pad = <|endoftext|>, greedy by default
@@ -19,6 +20,13 @@ Tensor names are already HF's (tandem/model.py), so exporting is a dtype cast at
 fingerprint of an fp32 export equals the run's. config.json carries both the transformers 4.x keys
 (`rope_theta`, `torch_dtype`) and the 5.x ones (`rope_parameters`, `dtype`), so either generation
 of loaders reads it.
+
+DeepseekV3ForCausalLM (tandem/deepseek.py): one tensor per expert (`mlp.experts.{i}.*`, as DeepSeek's
+checkpoints and transformers' save_pretrained store them; transformers 5 fuses them on load), the
+router (`mlp.gate.weight`, `e_score_correction_bias`) kept fp32 whatever the export dtype (as
+DeepSeek's checkpoints), and config.json with `scoring_func: "sigmoid"`, `topk_method: "noaux_tc"`
+and `num_nextn_predict_layers: 0` written explicitly: transformers' config class leaves the first two
+out, but vLLM and llama.cpp's converter read them (a missing scoring_func means softmax there).
 
 `import_hf(folder)` goes the other way for an HF Llama/Qwen2 folder (safetensors weights plus a
 fast tokenizer with the ChatML markers <|im_start|>/<|im_end|>/<|endoftext|>, e.g. the Qwen2 family):
@@ -40,11 +48,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tandem.errors import ModelError
-from tandem.model import ModelConfig, Transformer
+from tandem.architectures import build_model, model_class
+from tandem.model import ModelConfig
 from tandem.train.checkpoint import save_safetensors
 from tandem.tokenizer import IM_END, IM_START, PAD, ChatTokenizer, hf_tokenizer_config
 
-ARCH_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCH_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 CLASS_ARCHS = {v: k for k, v in ARCH_CLASSES.items()}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -105,9 +114,22 @@ def hf_config(config: ModelConfig, tokenizer: ChatTokenizer, dtype: torch.dtype)
     }
     if config.arch == "llama":
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif config.is_latent:
+        out.update(_deepseek_fields(config))
     else:
         out.update(use_sliding_window=False, sliding_window=None,
                    max_window_layers=config.num_hidden_layers)
+    return out
+
+
+def _deepseek_fields(config: ModelConfig) -> dict:
+    """config.json keys of DeepseekV3ForCausalLM beyond the Llama ones (see the module doc)."""
+    out = {key: getattr(config, key) for key in (
+        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+        "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "n_group",
+        "topk_group", "routed_scaling_factor", "norm_topk_prob", "rope_interleave")}
+    out.update(scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0, attention_bias=False,
+               pretraining_tp=1)
     return out
 
 
@@ -119,7 +141,7 @@ def generation_config(tokenizer: ChatTokenizer) -> dict:
 def _ordered(config: ModelConfig, weights: dict[str, torch.Tensor]) -> list[str]:
     """Weight names in model order (embeddings, layer 0..n, norm, head): shards read naturally."""
     with torch.device("meta"):
-        order = list(Transformer(config).state_dict())
+        order = list(build_model(config).state_dict())
     known = [n for n in order if n in weights]
     return known + sorted(set(weights) - set(known))
 
@@ -132,8 +154,9 @@ def write_hf(config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: C
     state = {k: v.detach().cpu() for k, v in weights.items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    fp32_names = model_class(config).keep_fp32
     if dtype == "auto":
-        dtypes = {v.dtype for v in state.values()}
+        dtypes = {v.dtype for k, v in state.items() if not k.endswith(fp32_names)}
         target = dtypes.pop() if len(dtypes) == 1 else torch.float32
     elif dtype in TORCH_DTYPES:
         target = TORCH_DTYPES[dtype]
@@ -141,7 +164,7 @@ def write_hf(config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: C
         raise ModelError(f"unknown export dtype '{dtype}'; use auto, fp32, bf16 or fp16")
     if target not in HF_DTYPE_NAMES:
         raise ModelError(f"weights are {target}; export with --dtype fp32, bf16 or fp16")
-    state = {k: v.to(target).contiguous() for k, v in state.items()}
+    state = {k: v.to(torch.float32 if k.endswith(fp32_names) else target).contiguous() for k, v in state.items()}
 
     limit = parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
@@ -200,7 +223,7 @@ def hf_model_config(data: dict, path: Path) -> ModelConfig:
     if arch not in ARCH_CLASSES:
         found = classes[0] if classes else data.get("model_type", "nothing")
         raise ModelError(f"{path}/config.json declares architecture {found!r}; tandem imports "
-                         f"{' and '.join(ARCH_CLASSES.values())} only")
+                         f"{', '.join(ARCH_CLASSES.values())} only")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(data.get(key), int):
             raise ModelError(f"{path}/config.json lacks '{key}' (an integer); the folder is incomplete")
@@ -212,6 +235,8 @@ def hf_model_config(data: dict, path: Path) -> ModelConfig:
         raise ModelError(f"{path}/config.json: use_sliding_window=true is not supported; "
                          "set it to false if the model was trained without it")
     heads = data["num_attention_heads"]
+    if arch == "deepseek_v3":
+        return _deepseek_config(data, path)
     return ModelConfig(
         arch=arch, vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
         intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
@@ -221,6 +246,33 @@ def hf_model_config(data: dict, path: Path) -> ModelConfig:
         rope_theta=_rope_theta(data, path), rms_norm_eps=data.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         initializer_range=data.get("initializer_range", 0.02))
+
+
+def _deepseek_config(data: dict, path: Path) -> ModelConfig:
+    """A deepseek_v3 ModelConfig from a DeepseekV3 config.json; what tandem's decoder does not
+    implement (no q LoRA, softmax scoring, other top-k methods, biases) is refused."""
+    checks = [("q_lora_rank", bool(data.get("q_lora_rank")), "a positive q_lora_rank (no-q-LoRA 'lite' models "
+               "are not supported)"),
+              ("scoring_func", data.get("scoring_func", "sigmoid") == "sigmoid", "sigmoid"),
+              ("topk_method", data.get("topk_method", "noaux_tc") == "noaux_tc", "noaux_tc"),
+              ("attention_bias", not data.get("attention_bias"), "false"),
+              ("num_key_value_heads", data.get("num_key_value_heads") in (None, data["num_attention_heads"]),
+               "num_attention_heads")]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ModelError(f"{path}/config.json: {key} {data.get(key)!r} is not supported by tandem's "
+                             f"deepseek_v3 decoder (it needs {allowed})")
+    fields = {key: data[key] for key in (
+        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+        "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "n_group",
+        "topk_group", "routed_scaling_factor", "norm_topk_prob", "rope_interleave") if data.get(key) is not None}
+    return ModelConfig(
+        arch="deepseek_v3", vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+        intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
+        num_attention_heads=data["num_attention_heads"], num_key_value_heads=data["num_attention_heads"],
+        max_position_embeddings=data.get("max_position_embeddings", 2048), rope_theta=_rope_theta(data, path),
+        rms_norm_eps=data.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        initializer_range=data.get("initializer_range", 0.02), **fields)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -285,7 +337,7 @@ def import_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], C
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)   # HF ignores a stored head when tied; so do we
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(config).checkpoint_state().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(config).checkpoint_state().items()}
     absent = [n for n in expected if n not in weights]
     extra = [n for n in weights if n not in expected]
     if absent:

@@ -37,6 +37,13 @@ grouped-query attention folds a group's query heads into the query-length dimens
 repetition); residual adds ride in `addmm`; the lm_head runs only on each prompt's last position at
 prefill; in fp32 on the cpu the RMSNorm scales are folded into the fused weights (see below).
 
+MLA (deepseek_v3, tandem/deepseek.py). The cache holds per token and layer only the latent and
+the rotary key (kv_lora_rank + qk_rope_head_dim values, `ModelConfig.kv_cache_values_per_token`);
+prefill and decode run the model's own layers with that cache (its up-projections absorbed into the
+query and output, as DeepSeek's inference code does), over the used prefix of the running slots.
+Slots, queueing, sampling and scoring are the same as for the dense models; the fused fast path
+below is the dense models' only.
+
 Weights. The engine reads the model's own tensors except the fused q/k/v and gate/up matrices,
 which are copies built at construction (memory: about the model's attention + MLP weights once
 more). `refresh_weights()` rebuilds them. The engine also notices weight changes by itself
@@ -82,6 +89,7 @@ import torch.nn.functional as F
 
 from tandem import accel
 from tandem.errors import TandemError
+from tandem.deepseek import LatentCache
 from tandem.model import KVCache, Transformer, rotary_tables
 
 
@@ -249,25 +257,31 @@ class Engine:
         # Otherwise the model's exact formula (normalise in fp32, scale in the model dtype, as HF).
         self._fold = self.dtype == torch.float32 and self.device.type == "cpu"
         self._eps_dim = torch.tensor(math.sqrt(D * config.rms_norm_eps), device=dev)
+        self._latent = config.is_latent
         with torch.inference_mode():
             L = config.num_hidden_layers
-            # One buffer for the whole cache: [layer, k|v, slot, kv_head, position, head_dim].
-            self._buf = torch.zeros((L, 2, max_batch, KV, max_len, hd), device=dev, dtype=self.dtype)
-            self.cache = object.__new__(KVCache)          # a KVCache whose k/v are views of _buf
-            self.cache.k = [self._buf[i, 0] for i in range(L)]
-            self.cache.v = [self._buf[i, 1] for i in range(L)]
-            self.cache.batch, self.cache.max_len = max_batch, max_len
-            self._flat = [self._buf[i].view(-1, hd) for i in range(L)]
-            # Row of _flat for (slot b, k|v t, kv head j) at position 0; add the position.
-            b, t, j = torch.meshgrid(torch.arange(max_batch), torch.arange(2), torch.arange(KV), indexing="ij")
-            self._base = (((t * max_batch + b) * KV + j) * max_len).to(dev)          # [B, 2, KV]
-            # Rotary tables as (cos, sign-folded sin) so that rotate(x) = x cos + flip_halves(x) sin.
-            # They are applied to q, k AND v at once; v's heads get cos = 1, sin = 0.
-            cos, sin = rotary_tables(config, dev, max_len)
-            sin = torch.cat([-sin[:, :hd // 2], sin[:, hd // 2:]], dim=-1)
-            self._cs = torch.stack([cos, sin], 1).unsqueeze(2).to(self.dtype)       # [L, 2, 1, hd]
-            self._vpad = torch.stack([torch.ones(max_batch, KV, hd), torch.zeros(max_batch, KV, hd)], 1
-                                     ).to(device=dev, dtype=self.dtype)             # [B, 2, KV, hd]
+            if self._latent:   # MLA: [layer, slot, position, latent + rotary key] (tandem/deepseek.py)
+                self._buf = torch.zeros((L, max_batch, max_len, config.kv_lora_rank + config.qk_rope_head_dim),
+                                        device=dev, dtype=self.dtype)
+                self.cache = LatentCache(config, max_batch, max_len, dev, self.dtype, kv=list(self._buf.unbind(0)))
+            else:
+                # One buffer for the whole cache: [layer, k|v, slot, kv_head, position, head_dim].
+                self._buf = torch.zeros((L, 2, max_batch, KV, max_len, hd), device=dev, dtype=self.dtype)
+                self.cache = object.__new__(KVCache)          # a KVCache whose k/v are views of _buf
+                self.cache.k = [self._buf[i, 0] for i in range(L)]
+                self.cache.v = [self._buf[i, 1] for i in range(L)]
+                self.cache.batch, self.cache.max_len = max_batch, max_len
+                self._flat = [self._buf[i].view(-1, hd) for i in range(L)]
+                # Row of _flat for (slot b, k|v t, kv head j) at position 0; add the position.
+                b, t, j = torch.meshgrid(torch.arange(max_batch), torch.arange(2), torch.arange(KV), indexing="ij")
+                self._base = (((t * max_batch + b) * KV + j) * max_len).to(dev)          # [B, 2, KV]
+                # Rotary tables as (cos, sign-folded sin) so that rotate(x) = x cos + flip_halves(x) sin.
+                # They are applied to q, k AND v at once; v's heads get cos = 1, sin = 0.
+                cos, sin = rotary_tables(config, dev, max_len)
+                sin = torch.cat([-sin[:, :hd // 2], sin[:, hd // 2:]], dim=-1)
+                self._cs = torch.stack([cos, sin], 1).unsqueeze(2).to(self.dtype)       # [L, 2, 1, hd]
+                self._vpad = torch.stack([torch.ones(max_batch, KV, hd), torch.zeros(max_batch, KV, hd)], 1
+                                         ).to(device=dev, dtype=self.dtype)             # [B, 2, KV, hd]
             self._arange = torch.arange(max_len, device=dev)
             self._rank = torch.arange(config.vocab_size, device=dev)
             self._last = torch.zeros(max_batch, dtype=torch.long, device=dev)    # pending token
@@ -284,8 +298,7 @@ class Engine:
 
     def _position_bytes(self, max_batch: int) -> int:
         """KV-cache bytes per position over all slots and layers."""
-        c = self.config
-        return 2 * c.num_hidden_layers * max_batch * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+        return self.config.kv_cache_values_per_token() * max_batch * self.dtype.itemsize
 
     def _budget_len(self, max_batch: int, fraction: float) -> int:
         """max_position_embeddings, or fewer positions where `fraction` of the free memory is less
@@ -316,6 +329,9 @@ class Engine:
         notices changes itself whenever it admits requests.
         """
         m, D = self.model, self.config.hidden_size
+        if self._latent:   # MLA runs the model's own layers: nothing to fuse
+            self._weights_key = self._current_weights_key()
+            return
         with torch.inference_mode():
             def fold(weight, norm):    # [out, D] -> [D, out] with the norm's scale folded in
                 return (weight * (norm * math.sqrt(D))).t() if self._fold else weight.t()
@@ -433,7 +449,10 @@ class Engine:
             length = max(self._pos_py[s] for s in movers)   # cached positions are < pos
             src = torch.tensor(movers, device=self.device)
             dst = torch.tensor(holes, device=self.device)
-            self._buf[:, :, dst, :, :length] = self._buf[:, :, src, :, :length]
+            if self._latent:
+                self._buf[:, dst, :length] = self._buf[:, src, :length]
+            else:
+                self._buf[:, :, dst, :, :length] = self._buf[:, :, src, :, :length]
             self._last[dst] = self._last[src]
             self._pos[dst] = self._pos[src]
             for h, s in zip(holes, movers):
@@ -529,6 +548,10 @@ class Engine:
 
     def _decode(self, n: int) -> torch.Tensor:
         """One token for each of slots 0..n-1 (their pending token at their position): logits [n, V]."""
+        if self._latent:
+            used = max(self._pos_py[:n]) + 1
+            hidden = self._latent_forward(self._last[:n].view(n, 1), self._pos[:n].view(n, 1), 0, used)
+            return self.model.lm_head(hidden[:, 0])
         H, KV, G, hd, half, I = self._H, self._KV, self._G, self._hd, self._half, self._I
         W = H + 2 * KV
         pos = self._pos[:n]
@@ -564,6 +587,10 @@ class Engine:
         lens = [len(r.prompt) for r in reqs]
         T = max(lens)
         ids = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
+        if self._latent:
+            hidden = self._latent_forward(ids, self._arange[:T].expand(m, T), slot0, T)
+            last = torch.tensor(lens, device=self.device) - 1
+            return self.model.lm_head(hidden[torch.arange(m, device=self.device), last])
         x = F.embedding(ids.view(-1), self._embed)                              # [m T, D]
         cos, sin = torch.cat((self._cs[:T].expand(T, 2, H + KV, hd),
                               self._vpad[:1].expand(T, 2, KV, hd)), 2).unbind(1)  # [T, W, hd]
@@ -581,6 +608,13 @@ class Engine:
             x = torch.addmm(x, F.silu(gu[:, :I]).mul_(gu[:, I:]), wd_t)
         last = torch.tensor([b * T + n - 1 for b, n in enumerate(lens)], device=self.device)
         return torch.mm(self._final(x[last]), self._lm_head_t)
+
+    def _latent_forward(self, ids: torch.Tensor, positions: torch.Tensor, slot0: int, used: int) -> torch.Tensor:
+        """MLA: the model's own cached forward (absorbed attention over the latent cache) for slots
+        slot0..slot0+len(ids), reading and writing positions < `used` only; final hidden [m, T, D]."""
+        m = ids.shape[0]
+        cache = LatentCache(self.config, m, used, None, None, kv=[layer[slot0:slot0 + m, :used] for layer in self._buf])
+        return self.model.hidden(ids, positions, cache, torch.arange(m, device=self.device))
 
     # --- sampling ---------------------------------------------------------------------------
 

@@ -118,12 +118,14 @@ from tandem import accel
 from tandem.config import Config
 from tandem.errors import ConfigError, DataError, ModelError
 from tandem.ledger import Ledger
+from tandem.architectures import model_from_state
 from tandem.loading import find_checkpoint, load_weights
-from tandem.model import Transformer, estimate_train_flops, weights_fingerprint
+from tandem.model import estimate_train_flops, weights_fingerprint
 from tandem.peak import run_peaks
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
+from tandem.train.balance import balance_experts
 from tandem.train.checkpoint import discard_newer, latest_valid, load_checkpoint, save_checkpoint
 from tandem.resilience.faults import FaultInjector
 from tandem.resilience.guard import StepGuard
@@ -242,7 +244,7 @@ class GRPOTrainer:
         if r.max_prompt_len + r.max_new_tokens > limit:
             raise ConfigError(f"rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len + r.max_new_tokens} exceeds "
                               f"the model's max_position_embeddings ({limit}); lower them")
-        model = Transformer.from_checkpoint_state(self.model_config, init_weights, dtype=torch.float32)
+        model = model_from_state(self.model_config, init_weights, dtype=torch.float32)
         self.init_fingerprint = weights_fingerprint(model.checkpoint_state())
         self.reference = None
         if r.kl_coef > 0:  # beta = 0 loads no reference at all
@@ -515,6 +517,7 @@ class GRPOTrainer:
                 self.faults.before_update(step, [model])
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            balance_experts(model, verdict.action == "update", update.group)
         return grad_norm, skipped, None
 
     def publish(self, done: int, following: int | None) -> dict:

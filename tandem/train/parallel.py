@@ -119,6 +119,11 @@ class Ranks:
             ranks.mesh = init_device_mesh(device.type, (world,))
         return ranks
 
+    @property
+    def group(self):
+        """The process group every SFT rank is in (for collectives such as the expert-load sum)."""
+        return dist.group.WORLD
+
     def barrier(self) -> None:
         dist.barrier()
 

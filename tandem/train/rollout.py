@@ -107,7 +107,8 @@ from safetensors.torch import save as st_save
 
 from tandem import accel
 from tandem.errors import TandemError
-from tandem.model import ModelConfig, Transformer, weights_fingerprint
+from tandem.architectures import build_model
+from tandem.model import ModelConfig, weights_fingerprint
 from tandem.progress import log
 
 CHUNK = 4 << 20          # bytes per store value (the libuv TCPStore refuses messages over 8 MiB)
@@ -217,7 +218,7 @@ class Generator:
         accel.set_deterministic(self.device, spec["deterministic"])   # run.deterministic, as the trainers
         self.dtype = accel.resolve_dtype(spec["dtype"], self.device)
         self.kind = accel.device_kind(self.device)
-        self.model = Transformer(ModelConfig.from_dict(spec["model"])).to(self.device, self.dtype).eval()
+        self.model = build_model(ModelConfig.from_dict(spec["model"])).to(self.device, self.dtype).eval()
         self.engine = Engine(self.model, max_batch=spec["max_batch"], max_len=spec["max_len"])
         self.version: int | None = None
         self.fingerprint: str | None = None

@@ -34,12 +34,14 @@ import torch.nn.functional as F
 from tandem import accel
 from tandem.config import Config
 from tandem.errors import ConfigError
+from tandem.architectures import build_model
 from tandem.model import Transformer, estimate_train_flops
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, truncate_metrics
 from tandem.tasks import Task
 from tandem.tokenizer import ChatTokenizer
 from tandem.train import sharded_checkpoint
+from tandem.train.balance import balance_experts
 from tandem.train.parallel import Ranks
 from tandem.train.checkpoint import (AsyncCheckpointer, discard_newer, latest_valid, load_checkpoint,
                                      save_checkpoint)
@@ -127,7 +129,7 @@ def build_optimizer(model: Transformer, cfg) -> torch.optim.AdamW:
 
 def new_model(cfg: Config, vocab_size: int, device, seed: int) -> Transformer:
     model_cfg = type(cfg.model)(**{**cfg.model.to_dict(), "vocab_size": vocab_size})
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     model.reset_parameters(seed)
     return model.to(device)
 
@@ -359,6 +361,7 @@ class SFTTrainer:
             self.incidents.record("skip", step, verdict.reason)
         for model in self.models:
             model.zero_grad(set_to_none=True)
+            balance_experts(model, verdict.action == "update", self.ranks.group if self.ranks else None)
         return grad_norm
 
     def record(self, step: int, loss: float, lr: float, grad_norm: float, step_tokens: int, elapsed: float) -> None:

@@ -1,0 +1,37 @@
+"""Aux-loss-free expert balancing (DeepSeek-V3, section 2.1.2): the trainers' step hook.
+
+    balance_experts(model, updated=True)          # after each optimizer step (SFT and GRPO)
+
+Each router of a `DeepseekV3` counted, during the step's forwards with gradients, the tokens it sent
+to each expert (`Router.load`). After an applied optimizer step every router's
+`e_score_correction_bias` moves by `bias_update_speed` (gamma) toward balance: down for experts
+above the mean load, up for those below (a sign step, so recomputed forwards, which scale every
+count alike, change nothing). The counts are then zeroed, also after a skipped step, so every
+checkpoint (taken between steps) holds the whole router state in the bias, and resume is exact.
+With data-parallel trainers the counts are summed over the group first, so every rank moves its
+bias alike. A dense model has no routers: nothing happens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tandem.deepseek import DeepseekV3
+
+
+def balance_experts(model: torch.nn.Module, updated: bool, group=None) -> None:
+    """Move the router biases toward balance (if `updated`) and zero the load counts."""
+    if not isinstance(model, DeepseekV3):
+        return
+    routers = model.routers()
+    loads = torch.stack([router.load for router in routers])        # [MoE layers, experts]
+    if group is not None:
+        dist.all_reduce(loads, group=group)
+    gamma = model.config.bias_update_speed
+    with torch.no_grad():
+        for router, load in zip(routers, loads):
+            if updated and gamma > 0 and bool(load.sum() > 0):
+                router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+            router.load.zero_()
+
