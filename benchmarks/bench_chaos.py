@@ -298,12 +298,14 @@ def section_goodput(args, work: Path) -> str:
     rows += [[f"{m:g} steps", e, f"{n} ({h} hangs)", r, f"{w:.1f} s", f"**{g:.1%}**", "yes" if same else "NO"]
              for m, e, n, h, r, w, g, same in points]
     body = table(["MTBF", "checkpoint every", "faults", "restarts", "wall", "goodput", "weights identical"], rows)
-    rule = (f"the Young/Daly interval sqrt(2 x checkpoint cost x MTBF), checkpoint cost {cost_steps:.2f} steps "
-            f"(an async save: the step's wait plus the background write, measured)" if args.goodput_interval == "young-daly"
-            else f"the preset's interval ({preset_every} steps)")
+    rule = f"the preset's interval ({preset_every} steps)"
+    if args.goodput_interval == "young-daly":
+        rule = (f"the Young/Daly interval sqrt(2 x checkpoint cost x MTBF), checkpoint cost {cost_steps:.2f} steps "
+                f"(an async save: the step's wait plus the background write, measured)")
     return (f"**6. Goodput under random faults** (tiny preset, {args.tiny_steps} steps; faults drawn at random "
             f"among SIGKILL, device error and hang; a hang costs the heartbeat timeout, "
-            f"{args.goodput_hang_timeout:g} s (the config's default: 30 s); checkpoints written async every N steps, N = {rule}; "
+            f"{args.goodput_hang_timeout:g} s (the config's default: 30 s); checkpoints written async every N "
+            f"steps, N = {rule}; "
             f"the twin checkpoints at the preset's interval). Goodput = time in the steps of the final timeline / "
             f"wall time from the command's launch to its exit (start-up included). Target: >= 90% at an MTBF of "
             f"50 steps.\n\n{body}\n\n"

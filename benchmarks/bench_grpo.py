@@ -133,7 +133,7 @@ def part_modes(args) -> str:
             f"split between a trainer and a rollout worker process that overlap (async), or given both to one "
             f"process whose roles take turns (colocated, two threads). Async's gain over taking turns is at most "
             f"(generation + update) / max(generation, update), minus what one role loses by having one thread "
-            f"instead of two; on this tiny model both phases use two threads well, so the gap is small. The last "
+            f"instead of two. The last "
             f"column is what a second device buys: colocated on one device (one thread) against async on two. It "
             f"doubles the hardware, so it is an upper bound on disaggregation's value, not a like-for-like "
             f"speed-up. With uniform groups filtered the worker is the slower role (the trainer waits), without "

@@ -71,7 +71,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
         check_installed(parse_backend(gate_target or ("hf" if fmt == "hf" else "llamacpp")))
     started = time.perf_counter()
     config, weights, tokenizer, info = load_weights(model)
-    keep_alive()  # between the phases of the work (progress.py: the pipeline's export watchdog)
+    keep_alive()  # the pipeline's export watchdog (progress.py); the write is one phase, the gate beats per prompt
     source_fp = weights_fingerprint({k: v for k, v in weights.items()
                                      if not (config.tie_word_embeddings and k == "lm_head.weight")})
     provenance = {"format": fmt, "source": info.get("path"), "source_kind": info.get("kind"),
@@ -88,7 +88,6 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
             written = write_hf(config, weights, tokenizer, tmp, dtype=dtype,
                                max_shard_size=max_shard_size or DEFAULT_MAX_SHARD)
             from tandem.export.hf import import_hf
-            keep_alive()
             _, exported, _, _ = import_hf(tmp)        # read back: what a loader will see
             provenance["fingerprint"] = weights_fingerprint(exported)
             provenance["dtype"] = written["dtype"]
@@ -98,7 +97,6 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
             written = write_gguf(config, weights, tokenizer, tmp / GGUF_FILE, out_type=gguf_type, name=name)
             provenance["gguf_type"] = gguf_type
         provenance["files"] = written["files"]
-        keep_alive()
         if gate:
             target = gate_target or ("hf" if fmt == "hf" else f"llamacpp:{gguf_type}")
             log(f"export: gating the staged {fmt} export against {gate} (target {target})")
