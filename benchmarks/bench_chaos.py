@@ -1,7 +1,8 @@
 """Chaos benchmark: training on hardware that crashes, hangs and corrupts data.
 
-    python benchmarks/bench_chaos.py --write      the full run: about 10 minutes on an idle 2-core machine
-                                                  (the tiny preset's step is ~0.3 s there), more on a busy one
+    python benchmarks/bench_chaos.py --write      the full run: about 40 minutes on an idle 2-core machine
+                                                  (the tiny preset's step is ~0.3 s there; section 5's hangs
+                                                  wait out the 30 s timeout 20 times), more on a busy one
     python benchmarks/bench_chaos.py --quick      scaled down (a few minutes on a busy machine)
 
 Sections, each against its target (every job is the real CLI under `--supervise`, in subprocesses,
