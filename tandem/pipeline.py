@@ -25,7 +25,7 @@ from tandem.infer.engine import Engine
 from tandem.ledger import Ledger
 from tandem.loading import init_run, load_model, load_weights
 from tandem.peak import run_peaks
-from tandem.progress import log
+from tandem.progress import keep_alive, log
 from tandem.report import write_report
 from tandem.resilience.incidents import Heartbeat
 from tandem.runs import prepare_run, read_summary, update_summary
@@ -129,6 +129,7 @@ def run_eval_stage(cfg: Config, run_dir: Path, stage: str = "sft", progress: boo
     with Heartbeat(run_dir, role="eval").working():  # --supervise: a hang in eval is a hang too
         loaded = load_model(model_path, device=device, dtype=e.dtype)
         engine = Engine(loaded.model, max_batch=e.batch_size)
+        keep_alive()
         for task in build_tasks(cfg):
             result = evaluate_task(engine, loaded.tokenizer, task, n=e.n, batch_size=e.batch_size,
                                    max_new_tokens=e.max_new_tokens, pass_k=e.pass_k, temperature=e.temperature,
