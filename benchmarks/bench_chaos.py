@@ -1,16 +1,18 @@
 """Chaos benchmark: training on hardware that crashes, hangs and corrupts data.
 
-    python benchmarks/bench_chaos.py --write      the full run: about 10 minutes on an idle 2-core machine
-                                                  (the tiny preset's step is ~0.3 s there), more on a busy one
+    python benchmarks/bench_chaos.py --write      the full run: about 40 minutes on an idle 2-core machine
+                                                  (the tiny preset's step is ~0.3 s there; section 5's hangs
+                                                  wait out the 30 s timeout 20 times), more on a busy one
     python benchmarks/bench_chaos.py --quick      scaled down (a few minutes on a busy machine)
 
 Sections, each against its target (every job is the real CLI under `--supervise`, in subprocesses,
 with real signals, unless said otherwise):
 
-1. kills: `--trials` runs of the smoke SFT preset (`--steps` steps, a checkpoint every 5), each
-   with `--kills` SIGKILLs at random steps, a third of them inside a checkpoint write (files
+1. kills at fixed points: `--trials` runs of the smoke SFT preset (`--steps` steps, a checkpoint
+   every 5), each with `--kills` SIGKILLs the trainer sends itself at random steps, at one of two
+   fixed points: after the backward pass, or (a third of them) inside a checkpoint write (files
    written, manifest not yet). Target: final weights bitwise identical to the uninterrupted run in
-   every trial.
+   every trial. Section 5 sends kills from outside instead, at moments the trainer does not choose.
 2. grpo: GRPO in sync mode from a 300-step smoke SFT, with two trainer kills (one mid-write) and
    a rollout worker kill. Target: identical to the uninterrupted GRPO run (whose weights moved).
 3. silent corruption (in-process): the smoke preset, `--flips` faults at random steps among
@@ -24,13 +26,20 @@ with real signals, unless said otherwise):
    every fault detected and 0 false alarms; and (ours) the fault-free run's weights.
 4. checkpoints: `--damages` random truncations and bit flips of a real checkpoint's files (the
    manifest included). Target: every damaged checkpoint rejected.
-5. hang: a smoke run that hangs, under the default 30 s heartbeat timeout (`--hang-timeout`).
-   Target: killed within the timeout.
-6. goodput: the tiny preset (`--tiny-steps` steps; a checkpoint every 4 steps, written async)
-   under random crashes (kill, device error) at each MTBF in `--mtbfs`, next to a fault-free twin.
-   Goodput = the twin's time in training steps / wall time. Target: >= 90% at an MTBF of 50
-   steps. The plot (docs/chaos_goodput.png) shows the measured points and, from 20 to 500 steps,
-   the model wall(M) = twin wall + (steps / M) x (measured time lost per fault).
+5. outside: kills and hangs sent by this process at random moments (tandem/resilience/outside.py):
+   `--trials` smoke SFT runs with `--kills` SIGKILLs each, and `--hangs` runs each of a SIGSTOP
+   (a frozen process: a hang wherever it lands, mid-backward included) during training, during
+   the pipeline's eval and during its export, under a `--hang-timeout` heartbeat timeout.
+   Targets: every hang detected (reported: seconds from the signal to the verdict), final
+   weights (and export) identical to a fault-free run in every trial.
+6. goodput: the tiny preset (`--tiny-steps` steps) under random faults (kill, device error and
+   hang, the hang costing `--goodput-hang-timeout`, default 30 s as the config's) at each MTBF
+   in `--mtbfs`, checkpointing (async) at the Young/Daly interval sqrt(2 x checkpoint cost x
+   MTBF) for that MTBF (`--goodput-interval preset`: the preset's 200), next to a fault-free twin
+   at the preset's interval. Goodput = the job's time in training steps / its wall time from the
+   command's launch to its exit. Target: >= 90% at an MTBF of 50 steps. The plot
+   (docs/chaos_goodput.png) shows the measured points and, from 20 to 500 steps, the model
+   wall(M) = twin wall + (steps / M) x (measured time lost per fault).
 7. async checkpoints (in-process): the tiny preset's step time, and its checkpoint saved
    synchronously and asynchronously. Target: async overhead <= 5% of step time at the default
    interval (sft.checkpoint_every of the tiny preset).
@@ -40,8 +49,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import Counter
@@ -51,8 +62,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, environment, fresh_scratch, median, table, write_section  # noqa: E402
-from tandem.resilience.chaos import caused_by, match_detections, run_job  # noqa: E402
+from tandem.export.hf import PROVENANCE  # noqa: E402
+from tandem.resilience.chaos import JobResult, caused_by, match_detections, run_job  # noqa: E402
 from tandem.resilience.faults import SILENT_KINDS, SILENT_TARGETS  # noqa: E402
+from tandem.resilience.outside import Strike, strike_at_random  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.model import weights_fingerprint  # noqa: E402
 from tandem.pipeline import build_tasks, ensure_tokenizer  # noqa: E402
@@ -64,7 +77,8 @@ from tandem.train.sft import train_sft  # noqa: E402
 
 PLOT = ROOT / "docs" / "chaos_goodput.png"
 QUICK = {"trials": 4, "kills": 5, "steps": 40, "flips": 20, "clean_steps": 200, "check_every": 4, "damages": 200,
-         "hang_timeout": 5.0, "tiny_steps": 20, "mtbfs": "5,10", "async_steps": 3, "saves": 3}
+         "hangs": 2, "hang_timeout": 10.0, "tiny_steps": 20, "mtbfs": "5,10", "goodput_hang_timeout": 10.0,
+         "async_steps": 3, "saves": 3}
 
 
 def smoke(steps: int) -> list[str]:
@@ -199,35 +213,103 @@ def section_checkpoints(args, twin: Path) -> str:
             f"Target: 100% rejected.\n\n{body}")
 
 
-def section_hang(args, work: Path) -> str:
-    settings = smoke(20) + ['resilience.faults="hang@7"', f"resilience.heartbeat_timeout={args.hang_timeout}"]
-    run = run_job(["sft", "--preset", "smoke"], work / "hang", settings, 3)
-    hang = run.faults[0]
-    detected = [i for i in run.incidents if i["kind"] == "hang"][0]
-    latency = detected["time"] - hang["time"]
-    body = table(["heartbeat timeout", "hang detected after", "within the timeout", "run finished"],
-                 [[f"{args.hang_timeout:.0f} s", f"{latency:.2f} s",
-                   f"**{'yes' if latency <= args.hang_timeout else 'NO'}**", "yes" if run.returncode == 0 else "NO"]])
-    return f"**5. Hang** (smoke, hang at step 7). Target: detected within the timeout.\n\n{body}"
+def _detections(run: JobResult, strikes: list[Strike]) -> list[float]:
+    """Seconds from each SIGSTOP to the supervisor's hang verdict on it (the first one after it)."""
+    hangs = sorted(i["time"] for i in run.incidents if i["kind"] == "hang")
+    return [next((t - s.time for t in hangs if t > s.time), float("inf")) for s in strikes if s.signal == "SIGSTOP"]
+
+
+def _exported(run_dir: Path) -> str | None:
+    provenance = run_dir / "export" / "hf" / PROVENANCE
+    return json.loads(provenance.read_text())["fingerprint"] if provenance.is_file() else None
+
+
+def section_outside(args, work: Path) -> str:
+    """Kills and hangs sent from another process at random moments (tandem/resilience/outside.py):
+    SIGKILL (as `kill -9`) and SIGSTOP (a frozen process: a hang that lands wherever the process
+    is, mid-backward included, not right after a heartbeat) during training; SIGSTOP during the
+    pipeline's eval and export stages. Each job is compared with its own fault-free twin."""
+    train = smoke(args.steps) + [f"resilience.heartbeat_timeout={args.hang_timeout}"]
+    job = ["sft", "--preset", "smoke"]
+    twin = run_job(job, work / "outside-twin", train, 3)
+    rows = []
+    cases = [("SIGKILL, training", [signal.SIGKILL] * args.kills, ("trainer",), args.trials),
+             ("SIGSTOP (hang), training", [signal.SIGSTOP], ("trainer",), args.hangs)]
+    for label, signals, roles, trials in cases:
+        identical, sent, detections = 0, [], []
+        for trial in range(trials):
+            rng, strikes, folder = random.Random(f"{label}/{trial}"), [], work / f"outside-{len(rows)}-{trial}"
+            run = run_job(job, folder, train, len(signals) + 3,
+                          during=lambda p: strikes.extend(strike_at_random(p, folder, rng, signals, roles,
+                                                                            args.steps - 1)))
+            identical += run.returncode == 0 and run.fingerprint == twin.fingerprint
+            sent += strikes
+            detections += _detections(run, strikes)
+        rows.append(_outside_row(label, trials, sent, detections, identical))
+    pipeline = ["pipeline", "--preset", "smoke"]
+    stages = smoke(args.steps) + ["rl.steps=0", 'export.formats=["hf"]', "eval.n=200",
+                                  f"resilience.heartbeat_timeout={args.hang_timeout}"]
+    pipeline_twin = run_job(pipeline, work / "outside-pipeline-twin", stages, 3)
+    for stage in ("eval", "export"):
+        identical, sent, detections = 0, [], []
+        for trial in range(args.hangs):
+            rng, strikes, folder = random.Random(f"{stage}/{trial}"), [], work / f"outside-{stage}-{trial}"
+            run = run_job(pipeline, folder, stages, 3,
+                          during=lambda p: strikes.extend(strike_at_random(p, folder, rng, [signal.SIGSTOP], (stage,))))
+            identical += run.returncode == 0 and _exported(folder) == _exported(work / "outside-pipeline-twin") \
+                and run.fingerprint == pipeline_twin.fingerprint
+            sent += strikes
+            detections += _detections(run, strikes)
+        rows.append(_outside_row(f"SIGSTOP (hang), {stage}", args.hangs, sent, detections, identical))
+    body = table(["sent from outside", "trials", "signals landed", "hangs detected", "detection after the signal "
+                  "(median / max)", "final weights identical"], rows)
+    return (f"**5. Kills and hangs sent from outside at random moments** (smoke, {args.steps} steps, checkpoint "
+            f"every 5; heartbeat timeout {args.hang_timeout:g} s). Another process waits for a random step, then a "
+            f"random fraction of a step, and sends the signal to the training child (as `kill -9` would, or a "
+            f"hung device that freezes it: SIGSTOP); eval and export: a random 0-1 s into the pipeline's stage. "
+            f"A hang is detected when the heartbeat is {args.hang_timeout:g} s old, so detection after the signal "
+            f"is the timeout minus the time since the last beat (eval and export beat at every decode step, prompt "
+            f"and phase; their longest silent phase, importing transformers and loading the export for its "
+            f"parity gate, must stay under the timeout). Pipeline rows compare the SFT weights and the "
+            f"exported model with a fault-free pipeline. Targets: every hang detected, identical in every "
+            f"trial.\n\n{body}")
+
+
+def _outside_row(label: str, trials: int, sent: list[Strike], detections: list[float], identical: int) -> list:
+    stops = [d for d in detections if d != float("inf")]
+    timing = f"{median(stops):.2f} s / {max(stops):.2f} s" if stops else "-"
+    hangs = f"{len(stops)}/{len(detections)}" if detections else "-"
+    return [label, trials, len(sent), hangs, timing, f"**{identical}/{trials}**"]
+
+
+def young_daly(cost_steps: float, mtbf_steps: float) -> int:
+    """The checkpoint interval that minimises expected lost time, Young's first-order rule
+    sqrt(2 x checkpoint cost x MTBF) (Young 1974; Daly 2006), in steps, at least 1."""
+    return max(1, round(math.sqrt(2 * cost_steps * mtbf_steps)))
 
 
 def section_goodput(args, work: Path) -> str:
-    """Each job's goodput is its own useful step time / its own wall time, so a machine whose load
-    changes between runs does not skew the comparison; the model is in step units for the same
-    reason: goodput(M) = 1 / (1 + b + l / M), b = the twin's overhead per unit of step time,
-    l = steps' worth of time lost per fault, measured."""
-    settings = ["sft.steps=%d" % args.tiny_steps, "sft.checkpoint_every=4", "sft.log_every=10",
-                "resilience.async_checkpoint=true"]
+    """Each job's goodput is its own useful step time / its own wall time (launch to exit), so a
+    machine whose load changes between runs does not skew the comparison; the model is in step
+    units for the same reason: goodput(M) = 1 / (1 + b + l / M), b = the twin's overhead per unit
+    of step time, l = steps' worth of time lost per fault, measured."""
+    costs = checkpoint_costs(args, work)
+    cost_steps = (costs["blocked"] + costs["written"]) / costs["step"]  # an async save, upper bound
+    preset_every = load_config(preset="tiny").sft.checkpoint_every
+    kinds = ["kill", "device_error", "hang"]
+    settings = ["sft.steps=%d" % args.tiny_steps, "sft.log_every=10", "resilience.async_checkpoint=true",
+                f"resilience.heartbeat_timeout={args.goodput_hang_timeout}"]
     twin = run_job(["sft", "--preset", "tiny"], work / "goodput-twin", settings, 3)
     base = (twin.wall - twin.useful) / twin.useful
     points, lost_steps, faults = [], 0.0, 0
     for mtbf in [float(m) for m in args.mtbfs.split(",")]:
+        every = young_daly(cost_steps, mtbf) if args.goodput_interval == "young-daly" else preset_every
         run = run_job(["sft", "--preset", "tiny"], work / f"goodput-{mtbf:g}", settings + [
-            f"resilience.mtbf={mtbf}", 'resilience.mtbf_kinds=["kill", "device_error"]', "resilience.fault_seed=1"],
-            args.tiny_steps)
+            f"sft.checkpoint_every={every}", f"resilience.mtbf={mtbf}", f"resilience.mtbf_kinds={json.dumps(kinds)}",
+            "resilience.fault_seed=1"], args.tiny_steps)
         step = run.useful / args.tiny_steps
-        points.append((mtbf, len(run.faults), run.restarts, run.wall, run.useful / run.wall,
-                       run.fingerprint == twin.fingerprint))
+        points.append((mtbf, every, len(run.faults), sum(f["kind"] == "hang" for f in run.faults), run.restarts,
+                       run.wall, run.useful / run.wall, run.fingerprint == twin.fingerprint))
         lost_steps += (run.wall - run.useful * (1 + base)) / step
         faults += len(run.faults)
         print(f"  goodput mtbf {mtbf:g}: {len(run.faults)} faults, goodput {run.useful / run.wall:.1%}", flush=True)
@@ -235,15 +317,23 @@ def section_goodput(args, work: Path) -> str:
     lowest = int(min([20.0] + [p[0] for p in points]))
     model = {m: 1 / (1 + base + per_fault / m) for m in sorted({lowest, *range(20, 501, 5)})}
     plot(model, points, 1 / (1 + base), args.tiny_steps, PLOT if args.write else work / PLOT.name)
-    rows = [["none (twin)", 0, 0, f"{twin.wall:.1f} s", f"{twin.useful / twin.wall:.1%}", "-"]]
-    rows += [[f"{m:g} steps", n, r, f"{w:.1f} s", f"**{g:.1%}**", "yes" if same else "NO"]
-             for m, n, r, w, g, same in points]
-    body = table(["MTBF", "faults", "restarts", "wall", "goodput", "weights identical"], rows)
-    return (f"**6. Goodput under random crashes** (tiny preset, {args.tiny_steps} steps, checkpoint every 4 steps "
-            f"written async; faults: SIGKILL and device error drawn at random). Goodput = time in the steps of "
-            f"the final timeline / wall time. Target: >= 90% at an MTBF of 50 steps.\n\n{body}\n\n"
-            f"Measured cost per fault: {per_fault:.1f} steps' worth of time (restart, reload, recomputed steps); "
-            f"fault-free overhead {base:.1%} of step time (start-up, tokenizer, checkpoints). Model "
+    rows = [["none (twin)", preset_every, 0, 0, f"{twin.wall:.1f} s", f"{twin.useful / twin.wall:.1%}", "-"]]
+    rows += [[f"{m:g} steps", e, f"{n} ({h} hangs)", r, f"{w:.1f} s", f"**{g:.1%}**", "yes" if same else "NO"]
+             for m, e, n, h, r, w, g, same in points]
+    body = table(["MTBF", "checkpoint every", "faults", "restarts", "wall", "goodput", "weights identical"], rows)
+    rule = f"the preset's interval ({preset_every} steps)"
+    if args.goodput_interval == "young-daly":
+        rule = (f"the Young/Daly interval sqrt(2 x checkpoint cost x MTBF), checkpoint cost {cost_steps:.2f} steps "
+                f"(an async save: the step's wait plus the background write, measured)")
+    return (f"**6. Goodput under random faults** (tiny preset, {args.tiny_steps} steps; faults drawn at random "
+            f"among SIGKILL, device error and hang; a hang costs the heartbeat timeout, "
+            f"{args.goodput_hang_timeout:g} s (the config's default: 30 s); checkpoints written async every N "
+            f"steps, N = {rule}; "
+            f"the twin checkpoints at the preset's interval). Goodput = time in the steps of the final timeline / "
+            f"wall time from the command's launch to its exit (start-up included). Target: >= 90% at an MTBF of "
+            f"50 steps.\n\n{body}\n\n"
+            f"Measured cost per fault: {per_fault:.1f} steps' worth of time (restart, reload, recomputed steps, "
+            f"hang timeouts); fault-free overhead {base:.1%} of step time (start-up, tokenizer, checkpoints). Model "
             f"goodput(M) = 1 / (1 + {base:.3f} + {per_fault:.1f} / M): **{model[50]:.1%} at M = 50**, "
             f"{model[20]:.1%} at 20, {model[500]:.1%} at 500.\n\n"
             f"![goodput against MTBF]({PLOT.relative_to(ROOT).as_posix()})")
@@ -255,27 +345,28 @@ def plot(model: dict, points: list, twin_goodput: float, steps: int, path: Path)
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(list(model), [100 * g for g in model.values()], label="model from the measured cost per fault")
-    ax.scatter([p[0] for p in points], [100 * p[4] for p in points], color="C3", zorder=3, label="measured")
+    ax.scatter([p[0] for p in points], [100 * p[6] for p in points], color="C3", zorder=3, label="measured")
     ax.axhline(100 * twin_goodput, color="grey", linestyle=":", label="fault-free twin")
     ax.axhline(90, color="C2", linestyle="--", linewidth=0.8, label="target (90% at MTBF 50)")
     ax.set_xscale("log")
     ax.set_xlabel("mean time between faults (steps)")
     ax.set_ylabel("goodput (%)")
-    ax.set_title(f"tiny preset, {steps} steps, crashes (SIGKILL, device error)")
+    ax.set_title(f"tiny preset, {steps} steps, SIGKILL, device error, hang")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
-def section_async(args, work: Path) -> str:
+def checkpoint_costs(args, work: Path) -> dict:
     """Step time from a short tiny run; then its final checkpoint's state saved `--saves` times each
-    way. Sync: the step waits for the whole write. Async: it waits for the copy to host memory; the
-    write then runs beside the steps, and at most steals its own duration from them (an upper
-    bound: with a spare core it steals nothing)."""
-    every = load_config(preset="tiny").sft.checkpoint_every
+    way (medians, seconds). Sync: the step waits for the whole write. Async: it waits for the copy
+    to host memory ("blocked"); the write ("written") then runs beside the steps, and at most
+    steals its own duration from them (an upper bound: with a spare core it steals nothing).
+    Measured once per benchmark run (the goodput section's Young/Daly interval uses it too)."""
+    if getattr(args, "costs", None):
+        return args.costs
     stats, _ = train_in_process(work / "async", "tiny", [f"sft.steps={args.async_steps}", "sft.log_every=100"])
-    step = stats["seconds"] / args.async_steps
     ckpt = load_checkpoint(latest_valid(work / "async" / "checkpoints" / "sft"))
     # to_host: copies in memory, as a training run's state is (load_checkpoint's tensors are mmap'd)
     state = (to_host(ckpt["model"]), {k: v for k, v in ckpt["train_state"].items() if k != "optimizer"},
@@ -292,13 +383,21 @@ def section_async(args, work: Path) -> str:
         sync.append(t1 - t0)
         blocked.append(t2 - t1)
         written.append(time.perf_counter() - t2)
-    sync, blocked, written = median(sync), median(blocked), median(written)
+    args.costs = {"step": stats["seconds"] / args.async_steps, "sync": median(sync), "blocked": median(blocked),
+                  "written": median(written), "parameters": sum(v.numel() for v in ckpt["model"].values())}
+    return args.costs
+
+
+def section_async(args, work: Path) -> str:
+    every = load_config(preset="tiny").sft.checkpoint_every
+    c = checkpoint_costs(args, work)
+    step, sync, blocked, written = c["step"], c["sync"], c["blocked"], c["written"]
     share = lambda seconds, interval: f"{100 * seconds / (interval * step):.2f}%"  # noqa: E731
     rows = [["sync", f"{sync * 1000:.0f} ms", "-", share(sync, 5), f"**{share(sync, every)}**"],
             ["async", f"{blocked * 1000:.0f} ms", f"{written * 1000:.0f} ms",
              f"{share(blocked, 5)} to {share(blocked + written, 5)}",
              f"**{share(blocked, every)} to {share(blocked + written, every)}**"]]
-    return (f"**7. Checkpoint overhead** (tiny preset: {sum(v.numel() for v in ckpt['model'].values()):,} "
+    return (f"**7. Checkpoint overhead** (tiny preset: {c['parameters']:,} "
             f"parameters + AdamW moments; step {step * 1000:.0f} ms; medians of {args.saves} saves). Target: "
             f"async <= 5% of step time at the default interval ({every} steps). Async overhead is a range: "
             f"the step waits for the copy to host; the background write steals at most its own time.\n\n"
@@ -317,13 +416,18 @@ def main() -> None:
     parser.add_argument("--clean-steps", type=int, default=1000)
     parser.add_argument("--check-every", type=int, default=4, help="the sparse set-up's resilience.check_every")
     parser.add_argument("--damages", type=int, default=1000)
-    parser.add_argument("--hang-timeout", type=float, default=30.0)
+    parser.add_argument("--hangs", type=int, default=5, help="trials of each hang sent from outside (section 5)")
+    parser.add_argument("--hang-timeout", type=float, default=30.0, help="heartbeat timeout of section 5")
     parser.add_argument("--tiny-steps", type=int, default=300)
     parser.add_argument("--mtbfs", default="20,50,100,200")
+    parser.add_argument("--goodput-interval", choices=("young-daly", "preset"), default="young-daly",
+                        help="checkpoint interval of the goodput runs: Young/Daly for each MTBF, or the preset's")
+    parser.add_argument("--goodput-hang-timeout", type=float, default=30.0,
+                        help="heartbeat timeout of the goodput runs (a drawn hang costs this much)")
     parser.add_argument("--async-steps", type=int, default=10, help="tiny steps timed for the checkpoint overhead")
     parser.add_argument("--saves", type=int, default=5, help="checkpoint saves timed each way")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: kills,grpo,flips,checkpoints,hang,goodput,async")
+                        help="comma-separated sections to skip: kills,grpo,flips,checkpoints,outside,goodput,async")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-chaos"), help="scratch folder (emptied if an earlier run of this benchmark made it)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and docs/chaos_goodput.png")
     args = parser.parse_args()
@@ -335,7 +439,7 @@ def main() -> None:
     started = time.perf_counter()
     parts = []
     twin = None
-    for name in ("kills", "grpo", "flips", "checkpoints", "hang", "goodput", "async"):
+    for name in ("kills", "grpo", "flips", "checkpoints", "outside", "goodput", "async"):
         if name in skip or (name == "checkpoints" and twin is None):
             continue
         t0 = time.perf_counter()
@@ -348,8 +452,8 @@ def main() -> None:
             text = section_flips(args, work)
         elif name == "checkpoints":
             text = section_checkpoints(args, twin)
-        elif name == "hang":
-            text = section_hang(args, work)
+        elif name == "outside":
+            text = section_outside(args, work)
         elif name == "goodput":
             text = section_goodput(args, work)
         else:

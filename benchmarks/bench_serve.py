@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo            # print the tables
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo --write    # also update BENCHMARKS.md
+    benchmarks/build_llama_server.sh                                        # first, for the llama-server rows
 
 Starts the real server (`python -m tandem.cli serve`) in a subprocess on a free loopback port
 and drives it from this process with asyncio: each level sends a fixed number of streaming chat
@@ -25,8 +26,15 @@ installed, the model is exported to GGUF and llama-cpp-python's own OpenAI-compa
 (`python -m llama_cpp.server`, with --interrupt_requests false: by default a new request cuts the
 running stream short) takes the same 1- and 32-client levels (it has no ignore_eos, so the
 end-of-turn token is suppressed with logit_bias instead); otherwise that row says why it is
-missing. The server gets --threads torch threads (default 1); the load generator is this one
-Python process, on the other core. Everything is bounded: about 750 requests, about a minute.
+missing. The stronger peer is llama.cpp's own C++ `llama-server` (what a llama.cpp user would
+deploy): built from the llama.cpp source vendored in the llama-cpp-python sdist by
+benchmarks/build_llama_server.sh into .llama-server/ (or --llama-server PATH), started on the
+same GGUF export with --parallel 32 slots and continuous batching, and driven through every level
+(1, 8, 32, 64 clients; at 64, 32 are decoded and 32 queue, as tandem's --max-batch 32 does), with
+ignore_eos as tandem's; without a binary that row says how to build it. --levels 1,8 limits every
+level list (a smoke run). The servers get --threads threads (default 1); the load generator is
+this one Python process, on the other core. Everything is bounded: about 1,100 requests, a few
+minutes.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import datetime
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,6 +64,7 @@ import httpx  # noqa: E402
 from benchmarks.common import environment, table, write_section  # noqa: E402
 
 LEVELS = {1: 8, 8: 32, 32: 96, 64: 128}         # concurrent clients -> requests sent at that level
+LLAMA_SLOTS = 32                                 # llama-server --parallel: requests it decodes together
 SPEEDUP_TARGET = 4.0
 ROUNDS = 3                                       # alternating batched / one-at-a-time rounds for the ratio
 
@@ -113,22 +123,56 @@ def start_tandem(model: str, max_batch: int, threads: int) -> tuple[subprocess.P
     return proc, url, "bench"
 
 
-def start_llamacpp(model: str, threads: int, tmp: Path) -> tuple[subprocess.Popen, str, str, int]:
-    """llama-cpp-python's server on a GGUF export of the model; also returns the eos id."""
+def export_gguf(model: str, tmp: Path) -> tuple[Path, int, int]:
+    """The model as an f32 GGUF file in tmp (once); returns (file, context length, eos id)."""
     from tandem.export.gguf import write_gguf
     from tandem.loading import load_weights
     config, weights, tokenizer, _ = load_weights(model)
     gguf = tmp / "model.gguf"
-    write_gguf(config, weights, tokenizer, gguf, out_type="f32")
+    if not gguf.exists():
+        write_gguf(config, weights, tokenizer, gguf, out_type="f32")
+    return gguf, config.max_position_embeddings, tokenizer.eos_id
+
+
+def start_llamacpp(model: str, threads: int, tmp: Path) -> tuple[subprocess.Popen, str, str, int]:
+    """llama-cpp-python's server on a GGUF export of the model; also returns the eos id."""
+    gguf, context, eos = export_gguf(model, tmp)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(config.max_position_embeddings),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
                              "--n_threads", str(threads), "--chat_format", "chatml",
                              "--interrupt_requests", "false"],      # queue concurrent requests, don't cut them off
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/v1/models", proc)
-    return proc, url, "bench", tokenizer.eos_id
+    return proc, url, "bench", eos
+
+
+def find_llama_server(path: str | None) -> Path | None:
+    """--llama-server, else the build of benchmarks/build_llama_server.sh, else llama-server on PATH."""
+    if path:
+        if not Path(path).is_file():
+            raise SystemExit(f"error: --llama-server {path} is not a file; build it with "
+                             f"benchmarks/build_llama_server.sh or leave the option out")
+        return Path(path)
+    built = ROOT / ".llama-server" / "bin" / "llama-server"
+    on_path = shutil.which("llama-server")
+    return built if built.is_file() else Path(on_path) if on_path else None
+
+
+def start_llama_server(binary: Path, model: str, threads: int, tmp: Path) -> tuple[subprocess.Popen, str, str]:
+    """llama.cpp's own C++ server on the GGUF export: 32 parallel slots with continuous batching,
+    each slot the model's full context; requests take ignore_eos like tandem's."""
+    gguf, context, _ = export_gguf(model, tmp)
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "--model", str(gguf), "--alias", "bench", "--host", "127.0.0.1",
+                             "--port", str(port), "--ctx-size", str(context * LLAMA_SLOTS),
+                             "--parallel", str(LLAMA_SLOTS), "--cont-batching", "--threads", str(threads),
+                             "--threads-batch", str(threads), "--chat-template", "chatml"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url + "/health", proc)
+    return proc, url, "bench"
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -297,6 +341,51 @@ def row(server: str, level: Level) -> list:
             level.lost, level.malformed]
 
 
+def versus(ours: dict[int, Level], theirs: list[Level]) -> str:
+    return "; ".join(f"at {c.clients} client(s) tandem has {ours[c.clients].throughput / c.throughput:.2f}x its "
+                     f"tokens/s and {pct(c.ttft, 50) / pct(ours[c.clients].ttft, 50):.1f}x lower TTFT p50"
+                     for c in theirs if c.clients in ours)
+
+
+def llama_cpp_python_peer(args, model: str, tmp: Path, ours: dict[int, Level]) -> tuple[list, str]:
+    """llama-cpp-python's server at 1 and 32 clients: (rows, the note under the table)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return [], ("llama-cpp-python's server: not measured, `llama_cpp` is not installed here "
+                    "(pip install 'llama-cpp-python[server]' and rerun to add its rows).")
+    print("llama-cpp-python server (GGUF f32):", flush=True)
+    try:
+        proc, url, name, eos = start_llamacpp(model, args.threads, tmp)
+    except SystemExit as exc:          # e.g. the [server] extra is missing
+        return [], f"llama-cpp-python's server: could not start ({exc})."
+    levels = {c: (LEVELS[1] if c == 1 else 32) for c in (1, 32) if c in args.levels}
+    try:
+        cpp = measure(url, name, levels, args.max_tokens, {"logit_bias": {str(eos): -100.0}}, exact=False)
+    finally:
+        stop(proc)
+    return ([row("llama-cpp-python server (GGUF f32)", level) for level in cpp],
+            "Against llama-cpp-python's server on the GGUF export of the same model, same load: " + versus(ours, cpp)
+            + " (its 32-client throughput is its one-client rate: that server answers one request at a time).")
+
+
+def llama_server_peer(args, model: str, tmp: Path, ours: dict[int, Level]) -> tuple[list, str]:
+    """llama.cpp's C++ llama-server (--parallel 32, continuous batching) at every level."""
+    binary = find_llama_server(args.llama_server)
+    if binary is None:
+        return [], ("llama.cpp's llama-server: not measured, no binary (run benchmarks/build_llama_server.sh, "
+                    "about 7 minutes on 2 cores, or pass --llama-server PATH).")
+    print(f"llama.cpp llama-server (GGUF f32, --parallel {LLAMA_SLOTS}, continuous batching):", flush=True)
+    proc, url, name = start_llama_server(binary, model, args.threads, tmp)
+    try:
+        server = measure(url, name, {c: LEVELS[c] for c in args.levels}, args.max_tokens, {"ignore_eos": True},
+                         exact=True)
+    finally:
+        stop(proc)
+    return ([row(f"llama.cpp llama-server (GGUF f32, --parallel {LLAMA_SLOTS})", level) for level in server],
+            f"Against llama.cpp's own C++ llama-server (built from the source vendored in llama-cpp-python, "
+            f"--parallel {LLAMA_SLOTS} slots, continuous batching, {args.threads} thread(s)) on the same GGUF "
+            f"export, same load and ignore_eos: " + versus(ours, server) + ".")
+
+
 def smoke_model(tmp: Path) -> str:
     out = tmp / "smoke"
     print("no --model given and runs/demo is missing: training a smoke model (~30 s)...", flush=True)
@@ -312,8 +401,15 @@ def main() -> int:
     parser.add_argument("--model", help="a tandem run (default: runs/demo if it exists, else a fresh smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument("--levels", default="1,8,32,64",
+                        help="client counts measured (default 1,8,32,64; fewer for a smoke run)")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: the build of "
+                                               "benchmarks/build_llama_server.sh, else one on PATH)")
     parser.add_argument("--write", action="store_true", help="update the bench_serve section of BENCHMARKS.md")
     args = parser.parse_args()
+    args.levels = [int(c) for c in args.levels.split(",")]
+    if not set(args.levels) <= set(LEVELS):
+        raise SystemExit(f"error: --levels takes client counts among {', '.join(map(str, LEVELS))}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = args.model or (str(ROOT / "runs" / "demo") if (ROOT / "runs" / "demo").exists() else smoke_model(tmp))
@@ -327,7 +423,8 @@ def main() -> int:
     serial_proc, serial_url, _ = start_tandem(model, 1, args.threads)
     try:
         print(" max-batch 32:", flush=True)
-        batched = measure(batched_url, name, LEVELS, args.max_tokens, ignore_eos, exact=True)
+        batched = measure(batched_url, name, {c: LEVELS[c] for c in args.levels}, args.max_tokens, ignore_eos,
+                          exact=True)
         print(" the 32-client level again, alternating max-batch 32 and max-batch 1 (medians of 3 rounds):")
         rounds = []
         for _ in range(ROUNDS):
@@ -343,29 +440,11 @@ def main() -> int:
     serial = sorted((slow for _, slow in rounds), key=lambda level: level.throughput)[len(rounds) // 2]
     rows.append(row("tandem, one request at a time (max-batch 1)", serial))
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        notes.append("llama-cpp-python's server: not measured, `llama_cpp` is not installed here "
-                     "(pip install 'llama-cpp-python[server]' and rerun to add its rows).")
-    else:
-        print("llama-cpp-python server (GGUF f32):", flush=True)
-        try:
-            proc, url, name, eos = start_llamacpp(model, args.threads, tmp)
-        except SystemExit as exc:          # e.g. the [server] extra is missing
-            notes.append(f"llama-cpp-python's server: could not start ({exc}).")
-        else:
-            try:
-                cpp = measure(url, name, {1: LEVELS[1], 32: 32}, args.max_tokens,
-                              {"logit_bias": {str(eos): -100.0}}, exact=False)
-            finally:
-                stop(proc)
-            rows += [row("llama-cpp-python server (GGUF f32)", level) for level in cpp]
-            ours = {level.clients: level for level in batched}
-            notes.append("Against llama-cpp-python's server on the GGUF export of the same model, same load: "
-                         + "; ".join(f"at {c.clients} client(s) tandem has {ours[c.clients].throughput / c.throughput:.2f}x "
-                                     f"its tokens/s and {pct(c.ttft, 50) / pct(ours[c.clients].ttft, 50):.1f}x lower "
-                                     f"TTFT p50" for c in cpp)
-                         + " (its 32-client throughput is its one-client rate: that server answers one request "
-                           "at a time).")
+    ours = {level.clients: level for level in batched}
+    for peer in (llama_cpp_python_peer, llama_server_peer):
+        peer_rows, note = peer(args, model, tmp, ours)
+        rows += peer_rows
+        notes.append(note)
 
     print("the Engine alone, no HTTP (32 requests one at a time, then together):", flush=True)
     alone_1, alone_32 = engine_ceiling(model, args.max_tokens, args.threads)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tandem.errors import TandemError
 from tandem.infer.engine import Engine, SamplingParams
-from tandem.progress import Progress
+from tandem.progress import Progress, keep_alive
 from tandem.tasks import Example, JsonlTask, Task
 from tandem.tokenizer import ChatTokenizer
 
@@ -23,6 +23,7 @@ def _generate_texts(engine: Engine, tokenizer: ChatTokenizer, examples, params, 
                     bar: Progress | None = None):
     outputs = []
     for start in range(0, len(examples), batch_size):
+        keep_alive()  # the pipeline's eval watchdog (progress.py); the engine beats per decode step
         chunk = examples[start:start + batch_size]
         prompts = [tokenizer.encode_prompt([{"role": "user", "content": e.prompt}]) for e in chunk]
         for generation in engine.generate(prompts, params):

@@ -4,7 +4,9 @@
 
 Each stage is resumable: rerunning the same command in the same folder skips what is done
 (tokenizer), resumes what was interrupted (SFT, GRPO: from their newest valid checkpoints) and redoes the
-cheap tail (eval, report).
+cheap tail (eval, report). Under --supervise the eval and export stages beat their own heartbeats while
+they work (heartbeat-eval.json, heartbeat-export.json), so the watchdog covers them as it covers the
+training steps.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from tandem.infer.engine import Engine
 from tandem.ledger import Ledger
 from tandem.loading import init_run, load_model, load_weights
 from tandem.peak import run_peaks
-from tandem.progress import log
+from tandem.progress import keep_alive, log
 from tandem.report import write_report
+from tandem.resilience.incidents import Heartbeat
 from tandem.runs import prepare_run, read_summary, update_summary
 from tandem.tasks import Task, get_task
 from tandem.tokenizer import ChatTokenizer, train_tokenizer
@@ -133,19 +136,21 @@ def run_eval_stage(cfg: Config, run_dir: Path, stage: str = "sft", progress: boo
     e = cfg.eval
     device = cfg.device_for("eval")
     model_path = latest_valid(Path(run_dir) / "checkpoints" / stage) or run_dir
-    loaded = load_model(model_path, device=device, dtype=e.dtype)
-    engine = Engine(loaded.model, max_batch=e.batch_size)
     results, samples = {}, {}
     started = time.perf_counter()
-    for task in build_tasks(cfg):
-        result = evaluate_task(engine, loaded.tokenizer, task, n=e.n, batch_size=e.batch_size,
-                               max_new_tokens=e.max_new_tokens, pass_k=e.pass_k, temperature=e.temperature,
-                               seed=cfg.run.seed, keep_samples=e.samples_in_report, progress=progress,
-                               split=e.split)
-        samples[task.name] = result.pop("samples")
-        results[task.name] = result
-        log(f"eval [{stage}] {task.name}: accuracy {result['accuracy']:.1%}, format {result['format_rate']:.1%} "
-            f"(n={result['n']})")
+    with Heartbeat(run_dir, role="eval").working():  # --supervise: a hang in eval is a hang too
+        loaded = load_model(model_path, device=device, dtype=e.dtype)
+        engine = Engine(loaded.model, max_batch=e.batch_size)
+        keep_alive()
+        for task in build_tasks(cfg):
+            result = evaluate_task(engine, loaded.tokenizer, task, n=e.n, batch_size=e.batch_size,
+                                   max_new_tokens=e.max_new_tokens, pass_k=e.pass_k, temperature=e.temperature,
+                                   seed=cfg.run.seed, keep_samples=e.samples_in_report, progress=progress,
+                                   split=e.split)
+            samples[task.name] = result.pop("samples")
+            results[task.name] = result
+            log(f"eval [{stage}] {task.name}: accuracy {result['accuracy']:.1%}, "
+                f"format {result['format_rate']:.1%} (n={result['n']})")
     summary = read_summary(run_dir)
     ledger = Ledger.from_dict(summary.get("ledger"))
     ledger.add("eval", accel.device_kind(accel.resolve_device(device)), time.perf_counter() - started)

@@ -2,12 +2,37 @@
 
 The count is the position in the work, never more than the total: a trainer that rolls back
 rewinds it, and the steps thrown away are shown separately (`redone=K`).
+
+keep_alive(): long work calls it as it goes (every Progress update does, and Engine.generate at
+each decode step); it calls whatever `keeping_alive` installed, which is how the pipeline's eval
+and export stages beat the supervisor's heartbeat (resilience/incidents.py: Heartbeat.working).
+It must be called from the thread doing the work: a hang there must stop the calls.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
+from typing import Callable
+
+_alive: list[Callable[[], None]] = []  # installed by keeping_alive, innermost last
+
+
+def keep_alive() -> None:
+    """Long work is still progressing (a no-op unless a stage is `keeping_alive`)."""
+    if _alive:
+        _alive[-1]()
+
+
+@contextmanager
+def keeping_alive(callback: Callable[[], None]):
+    """keep_alive() calls `callback` while the block runs."""
+    _alive.append(callback)
+    try:
+        yield
+    finally:
+        _alive.remove(callback)
 
 
 class Progress:
@@ -30,6 +55,7 @@ class Progress:
             self.bar.refresh()
 
     def update(self, n: int = 1, **postfix) -> None:
+        keep_alive()
         self.n += n
         if self.redone:
             postfix["redone"] = self.redone

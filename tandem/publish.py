@@ -53,7 +53,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
     from tandem.export.hf import DEFAULT_MAX_SHARD, PROVENANCE, write_hf
     from tandem.loading import load_weights, run_folder
     from tandem.model import weights_fingerprint
-    from tandem.progress import log
+    from tandem.progress import keep_alive, log
 
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
@@ -71,6 +71,7 @@ def export_model(model: str | Path, out: str | Path, fmt: str = "hf", force: boo
         check_installed(parse_backend(gate_target or ("hf" if fmt == "hf" else "llamacpp")))
     started = time.perf_counter()
     config, weights, tokenizer, info = load_weights(model)
+    keep_alive()  # the pipeline's export watchdog (progress.py); the write is one phase, the gate beats per prompt
     source_fp = weights_fingerprint({k: v for k, v in weights.items()
                                      if not (config.tie_word_embeddings and k == "lm_head.weight")})
     provenance = {"format": fmt, "source": info.get("path"), "source_kind": info.get("kind"),
@@ -129,34 +130,39 @@ def run_export_stage(cfg, run_dir: str | Path, progress: bool = True) -> dict:
     and the caller decides the exit code. A gate whose backend is not installed is skipped with
     the reason recorded (the export is published ungated) rather than failing a finished run.
     """
-    from tandem.infer.backends import BackendMissing
-    from tandem.progress import log
+    from tandem.resilience.incidents import Heartbeat
     from tandem.runs import read_summary, update_summary
-    e = cfg.export
     run_dir = Path(run_dir)
-    results = {}
-    for fmt in e.formats:
-        out = run_dir / "export" / fmt
-        kwargs = dict(fmt=fmt, force=True, dtype=e.hf_dtype, gguf_type=e.gguf_type, gate_n=e.gate_n,
-                      max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
-        gate = e.gate_ref if e.gate else None
-        target = (e.gate_target or None) if fmt == "hf" else None
-        try:
-            result = export_model(run_dir, out, gate=gate, gate_target=target, **kwargs)
-            results[fmt] = {"published": True, "path": str(out), "gated": bool(gate),
-                            "passed": result.get("gate", {}).get("passed") if gate else None}
-        except BackendMissing as exc:
-            log(f"warning: export {fmt}: gate skipped, {exc}")
-            export_model(run_dir, out, **kwargs)
-            results[fmt] = {"published": True, "path": str(out), "gated": False, "gate_skipped": str(exc)}
-        except GateFailure as exc:
-            remove_export(out)
-            log(f"error: export {fmt}: {exc}")
-            results[fmt] = {"published": False, "gated": True, "passed": False, "reason": str(exc)}
-            record_parity(run_dir, exc.report)
-        except TandemError as exc:
-            log(f"error: export {fmt}: {exc}")
-            results[fmt] = {"published": False, "reason": str(exc)}
+    with Heartbeat(run_dir, role="export").working():  # --supervise: a hang in export is a hang too
+        results = {fmt: _export_format(cfg, run_dir, fmt, progress) for fmt in cfg.export.formats}
     summary = read_summary(run_dir)
     update_summary(run_dir, export=dict(summary.get("export", {}), **results))
     return results
+
+
+def _export_format(cfg, run_dir: Path, fmt: str, progress: bool) -> dict:
+    """One format of run_export_stage: its result record (published, gated, passed or the reason)."""
+    from tandem.infer.backends import BackendMissing
+    from tandem.progress import log
+    e = cfg.export
+    out = run_dir / "export" / fmt
+    kwargs = dict(fmt=fmt, force=True, dtype=e.hf_dtype, gguf_type=e.gguf_type, gate_n=e.gate_n,
+                  max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
+    gate = e.gate_ref if e.gate else None
+    target = (e.gate_target or None) if fmt == "hf" else None
+    try:
+        result = export_model(run_dir, out, gate=gate, gate_target=target, **kwargs)
+        return {"published": True, "path": str(out), "gated": bool(gate),
+                "passed": result.get("gate", {}).get("passed") if gate else None}
+    except BackendMissing as exc:
+        log(f"warning: export {fmt}: gate skipped, {exc}")
+        export_model(run_dir, out, **kwargs)
+        return {"published": True, "path": str(out), "gated": False, "gate_skipped": str(exc)}
+    except GateFailure as exc:
+        remove_export(out)
+        log(f"error: export {fmt}: {exc}")
+        record_parity(run_dir, exc.report)
+        return {"published": False, "gated": True, "passed": False, "reason": str(exc)}
+    except TandemError as exc:
+        log(f"error: export {fmt}: {exc}")
+        return {"published": False, "reason": str(exc)}

@@ -42,6 +42,7 @@ import torch
 
 from tandem.errors import TandemError
 from tandem.infer.engine import SamplingParams
+from tandem.progress import keep_alive
 
 KINDS = ("torch", "hf", "llamacpp")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -201,6 +202,7 @@ class Backend:
         """Per sequence: [len(completion), vocab] log-softmax rows (or top-k (values, indices))."""
         out = []
         for prompt, completion in zip(prompt_ids, completion_ids):
+            keep_alive()  # per sequence: the export gate's watchdog (progress.py)
             if not prompt:
                 raise BackendError("a prompt must hold at least one token")
             seq = list(prompt) + list(completion)
@@ -369,6 +371,7 @@ class HFBackend(Backend):
         outs = []
         stops = set(params.stop_token_ids)
         for i, prompt in enumerate(prompts):
+            keep_alive()
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.seed + i)
             tokens, lps, reason = [], [], "length"
             with torch.inference_mode():
@@ -434,6 +437,7 @@ class LlamaCppBackend(Backend):
         outs = []
         stops = set(params.stop_token_ids)
         for i, prompt in enumerate(prompts):
+            keep_alive()
             seed = params.seed if params.seed is not None else self.seed + i
             generator = torch.Generator().manual_seed(seed)
             self.llm.reset()

@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from tandem import accel
 from tandem.errors import TandemError
 from tandem.deepseek import LatentCache
+from tandem.progress import keep_alive
 from tandem.model import KVCache, Transformer, rotary_tables
 
 
@@ -732,6 +733,7 @@ class Engine:
         done: dict[int, Generation] = {}
         try:
             while len(done) < len(ids):
+                keep_alive()  # a long batch proves it is alive at each decode step (the pipeline's eval)
                 for out in self.step():
                     if out.finished:
                         done[out.request_id] = out.generation

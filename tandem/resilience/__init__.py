@@ -8,4 +8,6 @@ Inside a training process (train/sft.py and train/grpo.py call the same hooks):
 Around it (imported by the CLI only):
     supervisor.py restart a crashed or hung job (--supervise)
     chaos.py      `tandem chaos`: a job under injected faults next to a fault-free twin
+Beside it (benchmarks and tests):
+    outside.py    SIGKILL / SIGSTOP sent to a supervised job from another process at random moments
 """

@@ -21,9 +21,9 @@ added to its config into OUT/chaos. The report:
     restarts          the supervisor's restarts
     goodput           useful step time / wall time, each job its own: useful step time is the time
                       spent in the steps of the final timeline (a step redone after a crash counts
-                      once; carried in checkpoints), wall time runs from the first step to the end
-                      of the last attempt (what comes before the first step, imports and tokenizer
-                      training, costs the same with or without faults and is left out)
+                      once; carried in checkpoints), wall time runs from the launch of the command
+                      to its exit (interpreter start, imports and tokenizer training included: a
+                      restart pays part of them again, and a user waits for all of them)
     time lost         the job's wall time not spent in useful steps, minus the twin's
     final weights     SHA-256 fingerprints of both final checkpoints; identical unless the guard
                       skipped updates (a skipped update is a different, deliberate trajectory)
@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tandem.config import load_config
 from tandem.errors import ConfigError, ModelError
@@ -61,7 +62,7 @@ WORKER_DETECTED_BY = ("worker_fault",)  # any fault of a rollout worker (roles o
 class JobResult:
     folder: Path
     returncode: int
-    wall: float                        # seconds, first step of the first attempt -> end of the last attempt
+    wall: float                        # seconds, launch of the command -> its exit
     useful: float                      # seconds in the steps of the final timeline
     restarts: int
     fingerprint: str | None
@@ -70,21 +71,27 @@ class JobResult:
     incidents: list[dict] = field(default_factory=list)  # incidents.jsonl
 
 
-def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: int) -> JobResult:
+def run_job(job: list[str], folder: Path, overrides: list[str], max_restarts: int,
+            during: Callable[[subprocess.Popen], object] | None = None) -> JobResult:
     """`tandem JOB --out FOLDER --supervise` in a subprocess, e.g. JOB = ["sft", "--preset", "smoke"];
-    its output goes to FOLDER.log."""
-    phase = job[0]
+    its output goes to FOLDER.log. `during(process)`, if given, runs while the job does (faults sent
+    from outside: resilience/outside.py). A pipeline's weights are those of its last training phase."""
     command = [sys.executable, "-m", "tandem.cli", *job, *sum((["--set", o] for o in overrides), []),
                "--out", str(folder), "--quiet", "--supervise", "--max-restarts", str(max_restarts)]
     started = time.time()
     with open(folder.with_name(folder.name + ".log"), "w") as output:
-        returncode = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            if during is not None:
+                during(process)
+        except BaseException:
+            process.terminate()  # the supervisor ends its child's process group on SIGTERM
+            process.wait()
+            raise
+        returncode = process.wait()
+    wall = time.time() - started
+    phase = job[0] if job[0] != "pipeline" else "rl" if (folder / "checkpoints" / "rl").is_dir() else "sft"
     supervision = json.loads((folder / SUPERVISOR_FILE).read_text()) if (folder / SUPERVISOR_FILE).is_file() else {}
-    attempts = supervision.get("attempts", [])
-    if attempts:
-        wall = attempts[-1]["ended"] - (attempts[0]["first_beat"] or attempts[0]["started"])
-    else:
-        wall = time.time() - started
     latest = latest_valid(folder / "checkpoints" / phase)
     final = load_checkpoint(latest) if latest else None
     stats = read_summary(folder).get(phase, {})

@@ -10,11 +10,14 @@ and tandem but never touched a device (so forking is safe: device runtimes start
 so a restart costs a checkpoint load, not the 2-4 s of a fresh interpreter and torch import.
 The child gets its own process group, and everything it started is killed with it.
 
-Watchdog: the trainer rewrites runs/NAME/heartbeat-ROLE.json at every step. When no heartbeat has
-been written for resilience.heartbeat_timeout seconds (resilience.startup_timeout before the first
-one of an attempt), the job is hung: its process group gets SIGKILL and it is restarted. A
-heartbeat marked idle (a training phase is over; eval or export run next) disarms the watchdog
-until the next step.
+Watchdog: the trainer rewrites runs/NAME/heartbeat-ROLE.json at every step, and the pipeline's
+eval and export stages rewrite theirs (step null) at least once a second while they work (at each
+decode step, prompt or phase: tandem.progress.keep_alive). When no heartbeat has been written for
+resilience.heartbeat_timeout seconds (resilience.startup_timeout before the first one of an
+attempt), the job is hung, wherever it stopped (mid-backward, in eval, in export): its process
+group gets SIGKILL and it is restarted. A heartbeat marked idle (a phase is over, the next one is
+starting: loading a model, spawning workers) disarms the watchdog until the next beat; only that
+start-up gap is unwatched.
 
 Restarts follow a crash (any exit status but 0, 2, 3 and 130) or a hang. A restart that follows
 progress (a step beyond any reached before) is immediate; restarts without progress in between
@@ -195,8 +198,9 @@ def _watch(pid: int, attempt: Attempt, run_dir: Path, policy: Policy, poll: floa
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         beat = latest_heartbeat(run_dir, attempt.started)
-        if beat is not None:
-            attempt.first_step, attempt.first_beat = beat["first_step"], beat["first_time"]
+        if beat is not None and beat["step"] is not None:  # eval and export beat with no step
+            if attempt.first_step is None:
+                attempt.first_step, attempt.first_beat = beat["first_step"], beat["first_time"]
             attempt.last_step = beat["step"]
         if done:
             attempt.detected = time.time()

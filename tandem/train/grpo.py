@@ -553,7 +553,8 @@ class GRPOTrainer:
         if done % r.log_every == 0 or done == r.steps:
             append_metrics(self.run_dir, {
                 "phase": "rl", "step": done, "reward": reward, "accuracy": accuracy,
-                "format_rate": scored.formatted / n_samples, "trained_samples": len(scored.shared[1]), "lr": update.lr,
+                "format_rate": scored.formatted / n_samples, "trained_samples": len(scored.shared[1]),
+                "trained_tokens": sum(len(tokens) for tokens in scored.shared[1]), "lr": update.lr,
                 "response_length": sum(len(s["tokens"]) for s in result.samples) / n_samples,
                 "grad_norm": update.grad_norm, "skipped": update.skipped, **update.stats, **gap,
                 "samples_per_s": n_samples / step_seconds, "step_seconds": step_seconds,
