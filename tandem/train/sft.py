@@ -156,7 +156,8 @@ class SFTTrainer:
         self.device = device = accel.resolve_device(cfg.device_for("sft"))
         accel.set_device(device)
         accel.set_deterministic(device, cfg.run.deterministic)
-        self.amp_dtype = accel.resolve_dtype(s.dtype, device)
+        self.dtype = accel.train_dtype(s.dtype, device)      # "auto" resolved: bf16 only where it is fast
+        self.amp_dtype = accel.DTYPES[self.dtype]
         # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
         # compared with it (resilience.replicas: identical copies fed identical batches).
         self.models = [new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)]
@@ -334,7 +335,7 @@ class SFTTrainer:
 
     def summary(self, start: int) -> dict:
         s, config, busy = self.s, self.models[0].config, self.busy_seconds
-        return {"steps": s.steps, "resumed_from": start, "device": str(self.device),
+        return {"steps": s.steps, "resumed_from": start, "device": str(self.device), "dtype": self.dtype,
                 "device_kind": accel.device_kind(self.device), "seconds": busy, "tokens": self.tokens_total,
                 "tokens_per_s": self.tokens_total / busy if busy else None,
                 "flops": estimate_train_flops(config, self.tokens_total),
