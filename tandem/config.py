@@ -62,6 +62,8 @@ class SFTConfig:
     dtype: str = "fp32"       # fp32 | bf16 (bf16 autocast, fp32 master weights) | auto (bf16 where fast)
     device: str = ""          # "" = run.device
     max_seq_len: int = 256    # longer examples are truncated
+    packing: bool = True      # padding-free micro-batches: examples packed into rows, each attending
+                              # only to itself (tandem/train/packing.py); false: right-padded rows
     checkpoint_every: int = 100
     keep_checkpoints: int = 3 # newest K committed checkpoints kept
     log_every: int = 10
@@ -103,6 +105,8 @@ class RLConfig:
     filter_groups: bool = False    # drop groups whose rewards are all equal (zero advantage) from the
                                    # update, as DAPO's dynamic sampling does (without its resampling)
     dtype: str = "fp32"            # trainer compute: fp32 | bf16 (autocast, fp32 master weights) | auto
+    packing: bool = True           # padding-free update: sequences packed, each attending only to itself
+                                   # (tandem/train/packing.py); false: right-padded rows
     device: str = ""               # trainer device ("" = run.device)
     threads: int = 0               # trainer torch threads (0 = run.threads)
     trainers: int = 1              # trainer ranks (data parallel over the trainer device's backend)
