@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, rel, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
+from tandem.peak import describe_mfu  # noqa: E402
 from tandem.runs import read_metrics, read_summary, remove_run  # noqa: E402
 from tandem.train.checkpoint import latest_valid  # noqa: E402
 
@@ -99,7 +100,8 @@ def part_demo(args) -> str:
     body = table(["task", "n", "SFT accuracy", "after GRPO", "points", "format after"], rows)
     body += (f"\n\nHeld-out greedy pass@1, same eval set and decoding before and after. GRPO: {rl['steps']} steps, "
              f"{rl['mode']} mode, rollouts {rl['rollout']['dtype']} on {rl['rollout']['workers']} worker process(es), "
-             f"{rl['samples_per_s']:.0f} samples/s. Whole demo (tokenizer, SFT, evals, GRPO, export + gate, report): "
+             f"{rl['samples_per_s']:.0f} samples/s. MFU (against the matmul peaks measured in the run, tandem/peak.py): "
+             f"SFT {describe_mfu(summary['sft'].get('mfu'))}, GRPO policy update {describe_mfu(rl.get('mfu'))}. Whole demo (tokenizer, SFT, evals, GRPO, export + gate, report): "
              f"**{minutes:.1f} min**. Targets: hardest task ({hardest}) >= +10 points: **{gain:+.1f}**; "
              f"demo <= 15 min. The preset's RL settings (batch, steps, learning-rate schedule) were picked from "
              f"about ten runs scored on this held-out split, so the gain is tuned, not blind. {environment(1)} "
@@ -116,19 +118,21 @@ def part_modes(args) -> str:
     configs = {"tiny preset (uniform groups filtered)": [], "tiny preset, rl.filter_groups = false": ["rl.filter_groups=false"]}
     rows = []
     for c, (config, extra) in enumerate(configs.items()):
-        rates, waits = {}, {}
+        rates, waits, mfu = {}, {}, {}
         for m, (mode, overrides) in enumerate(modes.items()):
             if c and m == 2:
                 continue  # the two-thread baseline once is enough
             out, rl = rl_run(init, f"modes-{c}{m}", steps + extra + overrides)
             rates[mode], waits[mode] = steady_rate(out), rl["wait_seconds"] / rl["seconds"]
+            mfu[mode] = describe_mfu(rl.get("mfu"))
         one = rates["colocated, 1 thread"]
         two = f"{rates['colocated, 2 threads']:.0f} ({rates['async'] / rates['colocated, 2 threads']:.2f}x)" \
             if "colocated, 2 threads" in rates else "-"
         rows.append([config, f"{rates['async']:.0f}", f"{waits['async']:.0%}", f"{one:.0f}",
-                     f"**{rates['async'] / one:.2f}x**", two])
+                     f"**{rates['async'] / one:.2f}x**", two, mfu["async"], mfu["colocated, 1 thread"]])
     body = table(["RL config", "async disaggregated", "trainer waiting", "sync colocated, 1 thread",
-                  "async / colocated", "sync colocated, 2 threads (async / it)"], rows)
+                  "async / colocated", "sync colocated, 2 threads (async / it)", "update MFU, async",
+                  "update MFU, colocated"], rows)
     r = load_config(preset="tiny").rl
     return (body + f"\n\nSamples/s over steps 3..{args.steps} of {args.steps}-step runs from {rel(init)}, {r.prompts_per_step} "
             f"prompts x {r.group_size} samples per step, bf16 rollouts. Async disaggregated: trainer and one worker "
@@ -137,7 +141,8 @@ def part_modes(args) -> str:
             f"(trainer), so its gain over taking turns is (generation + update) / max(generation, update): at most 2x, "
             f"when both take equally long. With uniform groups filtered the worker is the slower role (the trainer "
             f"waits), without filtering the trainer is. Giving the colocated run both cores instead also nearly "
-            f"closes the gap on this tiny model (both phases use two threads well). Target: async >= 1.5x sync "
+            f"closes the gap on this tiny model (both phases use two threads well). Update MFU: the policy update's FLOPs "
+            f"per second over the trainer's matmul peak measured in that run (tandem/peak.py). Target: async >= 1.5x sync "
             f"colocated on one device. {environment(2)}.")
 
 

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from benchmarks.bench_grpo import BENCH, ensure_sft, steady_rate  # noqa: E402
 from benchmarks.common import environment, rel, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
-from tandem.runs import read_metrics, remove_run  # noqa: E402
+from tandem.peak import describe_mfu  # noqa: E402
+from tandem.runs import read_metrics, read_summary, remove_run  # noqa: E402
 
 PROMPTS, G, MAX_NEW = 8, 8, 48
 
@@ -99,7 +100,7 @@ def main() -> None:
         sys.exit("bench_trl compares on one task; set the tiny preset's rl.tasks to one task")
     examples = [task.example(i) for i in range(args.steps * PROMPTS)]   # tandem's prompt stream, in order
 
-    rows, rates, rewards = [], {}, {}
+    rows, rates, rewards, mfu = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
         export_model(init, hf_dir, fmt="hf", progress=False)
@@ -116,15 +117,18 @@ def main() -> None:
             remove_run(out)
             run_rl_stage(load_config(preset="tiny", overrides=base + overrides), init, out, progress=False)
             rates[label] = steady_rate(out)
+            mfu[label] = describe_mfu(read_summary(out)["rl"].get("mfu"))
             rewards[label] = [r["reward"] for r in read_metrics(out, "rl")]
     reference = rates["TRL GRPOTrainer (transformers generate)"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     for label, rate in rates.items():
         rows.append([label, f"{rate:.0f}", f"**{rate / reference:.2f}x**", f"{mean(rewards[label][:5]):.3f}",
-                     f"{mean(rewards[label][-5:]):.3f}"])
-    body = table(["implementation", "samples/s", "vs TRL", "reward, first 5 steps", "reward, last 5 steps"], rows)
+                     f"{mean(rewards[label][-5:]):.3f}", mfu.get(label, "not measured")])
+    body = table(["implementation", "samples/s", "vs TRL", "reward, first 5 steps", "reward, last 5 steps",
+                  "policy-update MFU"], rows)
     body += (f"\n\nSame start ({rel(init)}, exported to HF for TRL), task `{task.name}`, {PROMPTS} prompts x G={G}, <= {MAX_NEW} new tokens, "
-             f"{args.steps} steps, lr {cfg.rl.lr:g}, fp32, trl {trl.__version__}; samples/s over steps 3..{args.steps}. "
+             f"{args.steps} steps, lr {cfg.rl.lr:g}, fp32, trl {trl.__version__}; samples/s over steps 3..{args.steps}; MFU: tandem's "
+             f"policy update against the matmul peak measured in its run (TRL's is not measured). "
              f"Target: >= 2x TRL. {environment(args.threads)}.")
     print(body)
     if args.write:

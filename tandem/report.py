@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from tandem.ledger import Ledger
+from tandem.peak import describe_mfu
 from tandem.runs import read_metrics, read_summary
 
 
@@ -62,10 +63,8 @@ def _rl_summary(rl: dict) -> str:
 def _mfu(stage: dict, what: str) -> str:
     """' SFT MFU: 41.0% of the fp32 / 12.0% of the bf16 matmul peak measured in this run.' (empty for
     runs from before MFU was recorded)."""
-    shares = [f"{share:.1%} of the {dtype}" for dtype, share in (stage.get("mfu") or {}).items() if share]
-    if not shares:
-        return ""
-    return f" {what} MFU: {' / '.join(shares)} matmul peak measured in this run (tandem/peak.py)."
+    text = describe_mfu(stage.get("mfu"))
+    return "" if text == "n/a" else f" {what} MFU: {text} measured in this run (tandem/peak.py)."
 
 
 def write_report(run_dir: Path) -> Path:

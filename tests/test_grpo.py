@@ -212,6 +212,10 @@ def test_the_pipeline_runs_grpo_between_two_evals(smoke_run):
     ledger = {(row["phase"], row["device_kind"]) for row in summary["ledger"]}
     assert {("rollout", "cpu"), ("policy_update", "cpu"), ("weight_sync", "cpu"), ("sft", "cpu")} <= ledger
     report = (smoke_run / "report.md").read_text()
+    for stage, what in (("sft", "SFT"), ("rl", "Policy update")):   # MFU against the run's measured peaks
+        mfu = summary[stage]["mfu"]
+        assert set(mfu) == {"fp32", summary[stage]["dtype"]} and all(0 < share < 10 for share in mfu.values())
+        assert f"{what} MFU: {mfu['fp32']:.1%} of the fp32" in report
     for plot in ("rl_reward.png", "rl_accuracy.png", "rl_length.png", "rl_mismatch.png"):
         assert f"(plots/{plot})" in report and (smoke_run / "plots" / plot).is_file()
 
