@@ -17,6 +17,8 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     set_deterministic(dev, on)   deterministic kernels (bitwise reproducible runs) or the fast ones
     free_memory(dev)/empty_cache(dev)  bytes left to allocate; return cached blocks to the device
     optimizer_options(dev)       fused or foreach optimizer kernels, what the device supports
+    graph_capture_reason(dev)    None where a step can be captured and replayed as a device graph
+                                 (CUDA graphs), else why not; capture_graph(dev, fn) does it
 
 Ascend NPUs come through `torch_npu`, which registers the `npu` device with PyTorch when imported;
 it is optional and imported only when an `npu` device is asked for or auto-detected. PyTorch >= 2.6
@@ -222,6 +224,39 @@ def optimizer_options(device: torch.device | str) -> dict:
     the cpu, and torch_npu implements them on Ascend). Both replace the per-tensor loop, whose
     results they match up to the last bits; each is deterministic."""
     return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+
+
+def graph_capture_reason(device: torch.device | str) -> str | None:
+    """None when `device` can record a sequence of kernels once and replay it (CUDA graphs: one
+    launch per replay instead of one per op), else the reason it cannot."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device graphs are implemented for CUDA only, not for {device.type}"
+    if not kind_available("cuda"):
+        return "no CUDA device is available here"
+    return None
+
+
+def capture_graph(device: torch.device | str, step, warmup: int = 2):
+    """(graph, output): `step()` recorded as a CUDA graph on `device`; graph.replay() reruns it on
+    the same input/output memory. step must read its inputs from, and write its effects to,
+    tensors that outlive the graph, and be idempotent (it runs warmup + 1 times here; the warm-up
+    runs on a side stream, as the CUDA docs require). Raises DeviceError where
+    graph_capture_reason(device) gives a reason."""
+    reason = graph_capture_reason(device)
+    if reason is not None:
+        raise DeviceError(reason)
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    return graph, output
 
 
 def set_device(device: torch.device | str) -> None:
