@@ -140,13 +140,16 @@ class LlamaCpp:
         return tokens, wall, perf.t_eval_ms / 1000 / max(1, perf.n_eval)
 
 
-def llamacpp_row(ours: Transformer, engine: Engine, prompts, args) -> dict | None:
-    """Batch 1 against llama.cpp (None when llama-cpp-python is not installed)."""
+def llamacpp_lines(ours: Transformer, args) -> list[str]:
+    """Batch 1 against llama.cpp, as table lines ([] when llama-cpp-python is not installed)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("llama.cpp column skipped: llama-cpp-python is not installed (pip install 'tandem[llamacpp]')")
-        return None
+        return []
+    engine = Engine(ours, max_batch=1, max_len=args.prompt_len + args.new_tokens)
+    prompts = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len),
+                            generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as folder:
         cpp = LlamaCpp(ours.cpu(), Path(folder), torch.get_num_threads())
         mine = engine.generate(prompts, SamplingParams(max_new_tokens=args.new_tokens))[0].token_ids
@@ -157,9 +160,15 @@ def llamacpp_row(ours: Transformer, engine: Engine, prompts, args) -> dict | Non
             walls.append(wall)
             own.append(per_token)
             t_ours.append(time_ours(engine, prompts, args.new_tokens))
-    ours_tps = args.new_tokens / statistics.median(t_ours)
-    return {"ours": ours_tps, "wall": args.new_tokens / statistics.median(walls), "own": 1 / statistics.median(own),
-            "same": tokens == mine, "version": cpp.version}
+    ours_tps, own_tps = args.new_tokens / statistics.median(t_ours), 1 / statistics.median(own)
+    verdict = "met" if ours_tps / own_tps >= LLAMACPP_TARGET else "MISSED"
+    return ["", "| batch 1 | llama.cpp, own timer (tok/s) | llama.cpp, Python-driven wall (tok/s) | tandem Engine "
+            "(tok/s) | ours / llama.cpp own timer | same tokens | target |", "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| 1 | {own_tps:,.0f} | {args.new_tokens / statistics.median(walls):,.0f} | {ours_tps:,.0f} | "
+            f"{ours_tps / own_tps:.2f}x | {'yes' if tokens == mine else 'no'} | >= {LLAMACPP_TARGET}x ({verdict}) |",
+            "", f"llama-cpp-python {cpp.version}, f32 GGUF of the same weights (tandem's export), "
+            f"{torch.get_num_threads()} thread(s) on both sides; llama.cpp's own timer counts decode steps "
+            "only (no prompt, no Python), ours the whole generate() call."]
 
 
 def time_hf(hf, input_ids: torch.Tensor, new_tokens: int) -> float:
@@ -223,19 +232,8 @@ def main(argv=None) -> int:
         mark = "" if target is None else f">= {target}x {'(met)' if ratio >= target else '(MISSED)'}"
         lines.append(f"| {batch} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ratio:.2f}x | "
                      f"{paired[0]:.2f}-{paired[-1]:.2f}x | {mark} |")
-    cpp = llamacpp_row(ours, Engine(ours, max_batch=1, max_len=args.prompt_len + args.new_tokens),
-                       torch.randint(0, config.vocab_size, (1, args.prompt_len),
-                                     generator=torch.Generator().manual_seed(1)).tolist(), args) \
-        if device.type == "cpu" else None
-    if cpp is not None:
-        verdict = "met" if cpp["ours"] / cpp["own"] >= LLAMACPP_TARGET else "MISSED"
-        lines += ["", "| batch 1 | llama.cpp, own timer (tok/s) | llama.cpp, Python-driven wall (tok/s) | tandem Engine "
-                  "(tok/s) | ours / llama.cpp own timer | same tokens | target |", "|---:|---:|---:|---:|---:|---:|---:|",
-                  f"| 1 | {cpp['own']:,.0f} | {cpp['wall']:,.0f} | {cpp['ours']:,.0f} | {cpp['ours'] / cpp['own']:.2f}x | "
-                  f"{'yes' if cpp['same'] else 'no'} | >= {LLAMACPP_TARGET}x ({verdict}) |",
-                  "", f"llama-cpp-python {cpp['version']}, f32 GGUF of the same weights (tandem's export), "
-                  f"{torch.get_num_threads()} thread(s) on both sides; llama.cpp's own timer counts decode steps "
-                  "only (no prompt, no Python), ours the whole generate() call."]
+    if device.type == "cpu":
+        lines += llamacpp_lines(ours, args)
     if args.baseline:
         result = compare("bench_decode.py:measure_engine",
                          {"threads": args.threads, "batches": batches, "prompt_len": args.prompt_len,
