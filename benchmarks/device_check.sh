@@ -27,7 +27,7 @@ done
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 rm -rf "$OUT" && mkdir -p "$OUT"
-TINY=""; BENCH_TRAIN="--repeats 3 --steps 20"; BENCH_DECODE="--repeats 3 --new-tokens 128"
+TINY=""; BENCH_TRAIN="--repeats 3 --steps 20 --dtypes fp32,bf16"; BENCH_DECODE="--repeats 3 --new-tokens 128"
 if [ "$DEVICE" = cpu ]; then
   TINY="--tiny"; BENCH_TRAIN="--repeats 1 --steps 2 --threads 1"; BENCH_DECODE="--repeats 1 --new-tokens 8 --batches 1,4"
 fi
