@@ -86,6 +86,12 @@ def report(result: dict[str, dict], ref: str, rounds: int) -> str:
     return "\n".join(lines) + f"\n\nMedians of {rounds} interleaved rounds, one fresh process per side and round."
 
 
+def source_tree() -> dict:
+    """A measure function that measures nothing: which tree the side's `tandem` came from (tests)."""
+    import tandem
+    return {"tree": str(Path(tandem.__file__).resolve().parent.parent)}
+
+
 def _worker(tree: str, target: str, kwargs: str) -> None:
     sys.path.insert(0, tree)
     import tandem  # noqa: F401  (first: the side's own package, whatever paths the benchmark adds later)
