@@ -35,11 +35,11 @@ from tandem.model import Transformer
 
 class Varlen:
     """Attention for packed sequences: `index` [S * W] says which packed token fills each slot of
-    the padded [S, W] grid (N, one past the last token, for a pad: a zero row)."""
+    the padded [S, W] grid (N, one past the last token, for a pad: a zero row); `real` [N] which
+    grid slot each packed token sits in (both built on the host: no device read)."""
 
-    def __init__(self, index: torch.Tensor, sequences: int, width: int, tokens: int):
-        self.index, self.sequences, self.width, self.tokens = index, sequences, width, tokens
-        self.real = (index < tokens).nonzero().view(-1)      # the grid slots holding tokens, in packed order
+    def __init__(self, index: torch.Tensor, real: torch.Tensor, sequences: int, width: int):
+        self.index, self.real, self.sequences, self.width = index, real, sequences, width
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """[1, h, N, hd] packed -> [S, h, W, hd] padded (pads zero)."""
@@ -81,9 +81,11 @@ def packed_layout(rows: list[list[int]], predicts: list[list[int]], device) -> L
     positions = torch.tensor([p for r in rows for p in range(len(r))], dtype=torch.long)
     index = torch.tensor([starts[i] + p if p < len(r) else tokens for i, r in enumerate(rows) for p in range(width)],
                          dtype=torch.long)
+    real = torch.tensor([i * width + p for i, r in enumerate(rows) for p in range(len(r))], dtype=torch.long)
     predict = torch.tensor([starts[i] + t for i, p in enumerate(predicts) for t in p], dtype=torch.long)
     return Layout(ids.view(1, -1).to(device), positions.view(1, -1).to(device),
-                  Varlen(index.to(device), len(rows), width, tokens), predict.to(device), ids[predict + 1].to(device))
+                  Varlen(index.to(device), real.to(device), len(rows), width), predict.to(device),
+                  ids[predict + 1].to(device))
 
 
 def make_layout(rows: list[list[int]], predicts: list[list[int]], pad_id: int, device, packed: bool) -> Layout:
