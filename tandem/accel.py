@@ -189,8 +189,11 @@ def fast_bf16(device: torch.device | str) -> bool:
     if device.type == "cpu":
         capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
         return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS) or "BF16" in capability.upper()
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cuda":      # pre-Ampere GPUs emulate bf16; older torch has no including_emulation
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:
+            return bool(torch.cuda.is_bf16_supported())
     return device.type in ("npu", "xpu")     # mps: bf16 is partial there, fp32 stays the choice
 
 
