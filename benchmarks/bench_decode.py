@@ -171,6 +171,15 @@ def llamacpp_lines(ours: Transformer, args) -> list[str]:
             "only (no prompt, no Python), ours the whole generate() call."]
 
 
+def baseline_lines(args, batches: list[int]) -> list[str]:
+    """Engine.generate on this tree vs git ref args.baseline (benchmarks/ab.py), as table lines."""
+    from benchmarks.ab import compare, report
+    result = compare("bench_decode.py:measure_engine",
+                     {"threads": args.threads, "batches": batches, "prompt_len": args.prompt_len,
+                      "new_tokens": args.new_tokens, "repeats": args.repeats}, args.baseline, args.ab_rounds)
+    return ["", f"A/B, `Engine.generate` on this tree vs `{args.baseline}`:", "", report(result, args.baseline, args.ab_rounds)]
+
+
 def time_hf(hf, input_ids: torch.Tensor, new_tokens: int) -> float:
     start = accel.timer(input_ids.device)
     with torch.inference_mode():
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|... (default cpu)")
     parser.add_argument("--write", action="store_true", help="update the bench_decode section of BENCHMARKS.md")
-    from benchmarks.ab import add_baseline_argument, compare, report
+    from benchmarks.ab import add_baseline_argument
     add_baseline_argument(parser)
     args = parser.parse_args(argv)
 
@@ -235,10 +244,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         lines += llamacpp_lines(ours, args)
     if args.baseline:
-        result = compare("bench_decode.py:measure_engine",
-                         {"threads": args.threads, "batches": batches, "prompt_len": args.prompt_len,
-                          "new_tokens": args.new_tokens, "repeats": args.repeats}, args.baseline, args.ab_rounds)
-        lines += ["", f"A/B, `Engine.generate` on this tree vs `{args.baseline}`:", "", report(result, args.baseline, args.ab_rounds)]
+        lines += baseline_lines(args, batches)
     table = "\n".join(lines)
     print()
     print(table)
