@@ -15,8 +15,19 @@ server would.
     .venv/bin/python benchmarks/bench_decode.py                  # print the table
     .venv/bin/python benchmarks/bench_decode.py --threads 1 --write   # also update BENCHMARKS.md
     .venv/bin/python benchmarks/bench_decode.py --device cuda         # both sides on an accelerator
+    .venv/bin/python benchmarks/bench_decode.py --baseline [REF]      # also this tree vs git REF (HEAD~1)
 
-Targets: ours >= 3x HF at batch 1 and >= 1.5x at batch 32.
+llama.cpp (third column, at batch 1, when llama-cpp-python is installed): the same weights written
+by tandem's GGUF export in f32 (with a BPE tokenizer trained for the export: the prompts are token
+ids, so it only fills the vocabulary table), the same thread count, greedy decoding of the same
+prompt driven token by token from Python (argmax of llama.cpp's logits). Reported: llama.cpp's own
+timer (llama_perf_context: decode time of the generated tokens, prompt excluded, no Python), the
+wall time of the Python-driven loop (prefill included, as ours), and whether the tokens equal ours.
+
+--baseline [REF] times `Engine.generate` of this tree and of a git worktree of REF (default
+HEAD~1) in fresh processes, interleaved (benchmarks/ab.py), and prints the ratio.
+
+Targets: ours >= 4x HF at batch 1 and >= 2x at batch 32; ours >= 1.0x llama.cpp's own timer at batch 1.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,16 +50,22 @@ from tandem.infer.engine import Engine, SamplingParams  # noqa: E402
 from tandem.model import ModelConfig, Transformer, count_parameters  # noqa: E402
 
 SECTION = "bench_decode"      # BENCHMARKS.md markers: <!-- bench_decode:start --> ... <!-- bench_decode:end -->
-TARGETS = {1: 3.0, 32: 1.5}
+TARGETS = {1: 4.0, 32: 2.0}
+LLAMACPP_TARGET = 1.0
 
 
-def build_models(seed: int = 0):
-    import transformers
+def tandem_model(seed: int = 0) -> Transformer:
     config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     ours = Transformer(config)
     ours.reset_parameters(seed=seed)
-    ours.eval()
+    return ours.eval()
+
+
+def build_models(seed: int = 0):
+    import transformers
+    ours = tandem_model(seed)
+    config = ours.config
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
@@ -74,6 +92,94 @@ def time_ours(engine: Engine, prompts, new_tokens: int) -> float:
     return elapsed
 
 
+def measure_engine(threads: int, batches: list[int], prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Median tokens/s of Engine.generate per batch size (the A/B side: stable APIs only)."""
+    torch.set_num_threads(threads)
+    ours, figures = tandem_model(), {}
+    for batch in batches:
+        prompts = torch.randint(0, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).tolist()
+        engine = Engine(ours, max_batch=batch, max_len=prompt_len + new_tokens)
+        time_ours(engine, prompts, new_tokens)
+        figures[f"batch {batch} tok/s"] = batch * new_tokens / statistics.median(
+            [time_ours(engine, prompts, new_tokens) for _ in range(repeats)])
+    return figures
+
+
+class LlamaCpp:
+    """The same weights in llama.cpp (module doc): greedy decoding of token ids, timed two ways."""
+
+    def __init__(self, model: Transformer, folder: Path, threads: int):
+        import llama_cpp
+        from tandem.export.gguf import write_gguf
+        from tandem.tokenizer import train_tokenizer
+        texts = [f"{a} + {b} = {a + b}" for a in range(60) for b in range(60)]
+        tokenizer = train_tokenizer(texts, model.config.vocab_size)
+        path = folder / "model.gguf"
+        write_gguf(model.config, model.checkpoint_state(), tokenizer, path, out_type="f32")
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.max_position_embeddings,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.version = llama_cpp.__version__
+
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+        """(tokens, wall seconds of the Python-driven loop, llama.cpp's own decode seconds per token)."""
+        import numpy as np
+        llm, lib = self.llm, self.lib
+        llm.reset()
+        lib.llama_perf_context_reset(llm._ctx.ctx)
+        start = time.perf_counter()
+        llm.eval(prompt)
+        tokens = []
+        for _ in range(new_tokens):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            tokens.append(int(logits.argmax()))
+            if len(tokens) < new_tokens:
+                llm.eval([tokens[-1]])
+        wall = time.perf_counter() - start
+        perf = lib.llama_perf_context(llm._ctx.ctx)
+        return tokens, wall, perf.t_eval_ms / 1000 / max(1, perf.n_eval)
+
+
+def llamacpp_lines(ours: Transformer, args) -> list[str]:
+    """Batch 1 against llama.cpp, as table lines ([] when llama-cpp-python is not installed)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp column skipped: llama-cpp-python is not installed (pip install 'tandem[llamacpp]')")
+        return []
+    engine = Engine(ours, max_batch=1, max_len=args.prompt_len + args.new_tokens)
+    prompts = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len),
+                            generator=torch.Generator().manual_seed(1)).tolist()
+    with tempfile.TemporaryDirectory() as folder:
+        cpp = LlamaCpp(ours.cpu(), Path(folder), torch.get_num_threads())
+        mine = engine.generate(prompts, SamplingParams(max_new_tokens=args.new_tokens))[0].token_ids
+        cpp.generate(prompts[0], args.new_tokens)                  # warm-up
+        walls, own, t_ours = [], [], []
+        for _ in range(args.repeats):
+            tokens, wall, per_token = cpp.generate(prompts[0], args.new_tokens)
+            walls.append(wall)
+            own.append(per_token)
+            t_ours.append(time_ours(engine, prompts, args.new_tokens))
+    ours_tps, own_tps = args.new_tokens / statistics.median(t_ours), 1 / statistics.median(own)
+    verdict = "met" if ours_tps / own_tps >= LLAMACPP_TARGET else "MISSED"
+    return ["", "| batch 1 | llama.cpp, own timer (tok/s) | llama.cpp, Python-driven wall (tok/s) | tandem Engine "
+            "(tok/s) | ours / llama.cpp own timer | same tokens | target |", "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| 1 | {own_tps:,.0f} | {args.new_tokens / statistics.median(walls):,.0f} | {ours_tps:,.0f} | "
+            f"{ours_tps / own_tps:.2f}x | {'yes' if tokens == mine else 'no'} | >= {LLAMACPP_TARGET}x ({verdict}) |",
+            "", f"llama-cpp-python {cpp.version}, f32 GGUF of the same weights (tandem's export), "
+            f"{torch.get_num_threads()} thread(s) on both sides; llama.cpp's own timer counts decode steps "
+            "only (no prompt, no Python), ours the whole generate() call."]
+
+
+def baseline_lines(args, batches: list[int]) -> list[str]:
+    """Engine.generate on this tree vs git ref args.baseline (benchmarks/ab.py), as table lines."""
+    from benchmarks.ab import compare, report
+    result = compare("bench_decode.py:measure_engine",
+                     {"threads": args.threads, "batches": batches, "prompt_len": args.prompt_len,
+                      "new_tokens": args.new_tokens, "repeats": args.repeats}, args.baseline, args.ab_rounds)
+    return ["", f"A/B, `Engine.generate` on this tree vs `{args.baseline}`:", "", report(result, args.baseline, args.ab_rounds)]
+
+
 def time_hf(hf, input_ids: torch.Tensor, new_tokens: int) -> float:
     start = accel.timer(input_ids.device)
     with torch.inference_mode():
@@ -93,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|... (default cpu)")
     parser.add_argument("--write", action="store_true", help="update the bench_decode section of BENCHMARKS.md")
+    from benchmarks.ab import add_baseline_argument
+    add_baseline_argument(parser)
     args = parser.parse_args(argv)
 
     import transformers
@@ -133,6 +241,10 @@ def main(argv=None) -> int:
         mark = "" if target is None else f">= {target}x {'(met)' if ratio >= target else '(MISSED)'}"
         lines.append(f"| {batch} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ratio:.2f}x | "
                      f"{paired[0]:.2f}-{paired[-1]:.2f}x | {mark} |")
+    if device.type == "cpu":
+        lines += llamacpp_lines(ours, args)
+    if args.baseline:
+        lines += baseline_lines(args, batches)
     table = "\n".join(lines)
     print()
     print(table)

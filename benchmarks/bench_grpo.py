@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, rel, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
+from tandem.peak import describe_mfu  # noqa: E402
 from tandem.runs import read_metrics, read_summary, remove_run  # noqa: E402
 from tandem.train.checkpoint import latest_valid  # noqa: E402
 
@@ -109,6 +110,8 @@ def part_demo(args) -> str:
     body = table(["seed", "task", "n", "SFT accuracy", "after GRPO", "points", "format after"], rows)
     body += (f"\n\nTest-split greedy pass@1, same eval set and decoding before and after. GRPO: {rl['steps']} steps, "
              f"{rl['mode']} mode, rollouts {rl['rollout']['dtype']} on {rl['rollout']['workers']} worker process(es). "
+             f"MFU (last seed, against the matmul peaks measured in the run, tandem/peak.py): SFT "
+             f"{describe_mfu(summary['sft'].get('mfu'))}, GRPO policy update {describe_mfu(rl.get('mfu'))}. "
              f"Hardest task's gain over seeds {args.seeds}: mean **{mean:+.1f} points** ({spread}). Whole demo "
              f"(tokenizer, SFT, evals, GRPO, export + gate, report): **{statistics.median(minutes):.1f} min** (median). "
              f"Targets: hardest task >= +10 points (mean over seeds); demo <= 15 min. The preset's RL settings were "
@@ -127,16 +130,18 @@ def part_modes(args) -> str:
     configs = {"tiny preset (uniform groups filtered)": [], "tiny preset, rl.filter_groups = false": ["rl.filter_groups=false"]}
     rows = []
     for c, (config, extra) in enumerate(configs.items()):
-        rates, waits = {}, {}
+        rates, waits, mfu = {}, {}, {}
         for m, (mode, overrides) in enumerate(modes.items()):
             out, rl = rl_run(init, f"modes-{c}{m}", steps + extra + overrides)
             rates[mode], waits[mode] = steady_rate(out), rl["wait_seconds"] / rl["seconds"]
+            mfu[mode] = describe_mfu(rl.get("mfu"))
         two, one = rates["colocated, 2 threads"], rates["colocated, 1 thread"]
         rows.append([config, f"{rates['async']:.0f}", f"{waits['async']:.0%}", f"{two:.0f}",
-                     f"**{rates['async'] / two:.2f}x**", f"{one:.0f}", f"{rates['async'] / one:.2f}x"])
+                     f"**{rates['async'] / two:.2f}x**", f"{one:.0f}", f"{rates['async'] / one:.2f}x",
+                     mfu["async"], mfu["colocated, 2 threads"]])
     body = table(["RL config", "async: 2 processes x 1 thread", "trainer waiting", "colocated: 1 process x 2 threads",
                   "**async / colocated, equal hardware**", "colocated, 1 thread (one device)",
-                  "async (two devices) / one device"], rows)
+                  "async (two devices) / one device", "update MFU, async", "update MFU, colocated 2 threads"], rows)
     r = load_config(preset="tiny").rl
     return (body + f"\n\nSamples/s over steps 3..{args.steps} of {args.steps}-step runs from {rel(init)}, {r.prompts_per_step} "
             f"prompts x {r.group_size} samples per step, bf16 rollouts. Headline (bold): the same two cores either "

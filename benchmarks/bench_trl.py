@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from benchmarks.bench_grpo import BENCH, ensure_sft  # noqa: E402
 from benchmarks.common import environment, rel, table, write_section  # noqa: E402
 from tandem.config import load_config  # noqa: E402
-from tandem.runs import read_metrics, remove_run  # noqa: E402
+from tandem.peak import describe_mfu  # noqa: E402
+from tandem.runs import read_metrics, read_summary, remove_run  # noqa: E402
 
 PROMPTS, G, MAX_NEW = 8, 8, 48
 
@@ -90,7 +91,7 @@ def tandem_run(init: Path, overrides: list[str], name: str) -> dict:
     run_rl_stage(load_config(preset="tiny", overrides=overrides), init, out, progress=False)
     records = read_metrics(out, "rl")
     return {"seconds": [r["step_seconds"] for r in records], "rewards": [r["reward"] for r in records],
-            "tokens": [r["trained_tokens"] for r in records]}
+            "tokens": [r["trained_tokens"] for r in records], "mfu": describe_mfu(read_summary(out)["rl"].get("mfu"))}
 
 
 def steady(series: dict) -> tuple[float, float]:
@@ -144,9 +145,9 @@ def main() -> None:
         samples, tokens = steady(runs_series)
         rows.append([label, f"{samples:.0f}", f"**{samples / reference[0]:.2f}x**", f"{tokens:.0f}",
                      f"**{tokens / reference[1]:.2f}x**", f"{mean(runs_series['rewards'][:5]):.3f}",
-                     f"{mean(runs_series['rewards'][-5:]):.3f}"])
+                     f"{mean(runs_series['rewards'][-5:]):.3f}", runs_series.get("mfu", "not measured")])
     body = table(["implementation", "samples/s", "vs TRL", "trained tokens/s", "vs TRL", "reward, first 5 steps",
-                  "reward, last 5 steps"], rows)
+                  "reward, last 5 steps", "policy update MFU"], rows)
     body += (f"\n\nSame start ({rel(init)}, exported to HF for TRL), task `{task.name}`, {PROMPTS} prompts x G={G}, "
              f"<= {MAX_NEW} new tokens, {args.steps} steps, constant lr {cfg.rl.lr:g} on both sides, every sample "
              f"trained on (rl.filter_groups = false), fp32, trl {trl.__version__}; rates over steps 3..{args.steps}. "

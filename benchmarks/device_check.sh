@@ -9,6 +9,7 @@
 # (c) engine: KV-cache equivalence and seeded sampling independent of the batch, on the device
 # (d) benchmarks/bench_train.py and bench_decode.py on the device
 # (e) memory after building an Engine with defaults for a Qwen2.5-0.5B-shaped model
+# (f) the decode step replayed from CUDA graphs == eager greedy (tests/test_engine.py; skipped off CUDA)
 # Results: OUT/*.json, OUT/*.log and OUT/BENCHMARKS-snippet.md. Under 8 minutes on one GPU;
 # `--device cpu` is the dry run (same steps, tiny sizes, a few minutes). Exits 1 if a check failed.
 # Python: $PYTHON, else .venv/bin/python, else python3.
@@ -26,7 +27,7 @@ done
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 rm -rf "$OUT" && mkdir -p "$OUT"
-TINY=""; BENCH_TRAIN="--repeats 3 --steps 20"; BENCH_DECODE="--repeats 3 --new-tokens 128"
+TINY=""; BENCH_TRAIN="--repeats 3 --steps 20 --dtypes fp32,bf16"; BENCH_DECODE="--repeats 3 --new-tokens 128"
 if [ "$DEVICE" = cpu ]; then
   TINY="--tiny"; BENCH_TRAIN="--repeats 1 --steps 2 --threads 1"; BENCH_DECODE="--repeats 1 --new-tokens 8 --batches 1,4"
 fi
@@ -43,6 +44,7 @@ step engine "$PY" benchmarks/device_check.py engine --device "$DEVICE" --out "$O
 step bench_train "$PY" benchmarks/bench_train.py --device "$DEVICE" $BENCH_TRAIN
 step bench_decode "$PY" benchmarks/bench_decode.py --device "$DEVICE" $BENCH_DECODE
 step memory "$PY" benchmarks/device_check.py memory --device "$DEVICE" --out "$OUT" $TINY
+step decode_graphs "$PY" -m pytest -q -rs tests/test_engine.py -k "cuda_graph or static_decode"
 "$PY" - "$OUT" "${failed[@]+"${failed[@]}"}" <<'PY'
 import json, sys
 from pathlib import Path

@@ -6,6 +6,9 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     resolve_device("cuda:1")     -> torch.device("cuda", 1), or DeviceError listing what exists
     supported_dtypes(device)     -> ["fp32", "bf16", "fp16"] (what this device can compute in)
     resolve_dtype("bf16", dev)   -> torch.bfloat16, or DeviceError
+    train_dtype("auto", dev)     -> "bf16" where bf16 matmuls are fast (fast_bf16), else "fp32"
+    fast_bf16(dev)               -> bf16 units here? (CUDA/NPU/XPU: yes if supported; CPU: AMX,
+                                 AVX512-BF16 or Arm BF16 in /proc/cpuinfo; without them bf16 is emulated)
     dist_backend(device)         -> "gloo" | "nccl" | "hccl" | "xccl"
     can_shard(device)            whether FSDP2 can shard over ranks on this kind of device
     get_rng_state(dev)/set_rng_state(state, dev)  every RNG tandem touches (python, numpy, torch,
@@ -15,6 +18,8 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     set_deterministic(dev, on)   deterministic kernels (bitwise reproducible runs) or the fast ones
     free_memory(dev)/empty_cache(dev)  bytes left to allocate; return cached blocks to the device
     optimizer_options(dev)       fused or foreach optimizer kernels, what the device supports
+    graph_capture_reason(dev)    None where a step can be captured and replayed as a device graph
+                                 (CUDA graphs), else why not; capture_graph(dev, fn) does it
 
 Ascend NPUs come through `torch_npu`, which registers the `npu` device with PyTorch when imported;
 it is optional and imported only when an `npu` device is asked for or auto-detected. PyTorch >= 2.6
@@ -148,8 +153,58 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         raise DeviceError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
     if name not in supported_dtypes(device):
         raise DeviceError(f"device '{device}' cannot compute in {name}; it supports "
-                          f"{', '.join(supported_dtypes(device))}")
+                          f"{', '.join(supported_dtypes(device))} (choose one of those, or auto for a trainer)")
     return DTYPES[name]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there
+    is no such file (macOS, Windows): no fast bf16 is then assumed."""
+    global _CPU_FLAGS
+    if _CPU_FLAGS is None:
+        flags: set[str] = set()
+        try:
+            with open("/proc/cpuinfo") as info:
+                for line in info:
+                    key, _, value = line.partition(":")
+                    if key.strip() in ("flags", "Features"):
+                        flags.update(value.split())
+                        break
+        except OSError:
+            pass
+        _CPU_FLAGS = frozenset(flags)
+    return _CPU_FLAGS
+
+
+_CPU_FLAGS: frozenset[str] | None = None
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")   # Intel AMX, AVX512-BF16 (Intel/AMD Zen4+), Armv8.6 BF16
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether this device has bf16 arithmetic units, so bf16 training beats fp32. On a CPU without
+    them oneDNN emulates bf16 matmuls through fp32 (correct, and slower than fp32 itself): the
+    cpuinfo flags decide, cross-checked with torch's own dispatch level where it names one."""
+    device = torch.device(device)
+    if "bf16" not in supported_dtypes(device):
+        return False
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+        return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS) or "BF16" in capability.upper()
+    if device.type == "cuda":      # pre-Ampere GPUs emulate bf16; older torch has no including_emulation
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:
+            return bool(torch.cuda.is_bf16_supported())
+    return device.type in ("npu", "xpu")     # mps: bf16 is partial there, fp32 stays the choice
+
+
+def train_dtype(name: str, device: torch.device | str) -> str:
+    """A trainer's dtype name: "auto" becomes bf16 where it is fast (fast_bf16) and fp32 elsewhere;
+    any other name must be one the device can compute in (DeviceError otherwise)."""
+    if name == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    resolve_dtype(name, device)
+    return name
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -173,6 +228,39 @@ def optimizer_options(device: torch.device | str) -> dict:
     the cpu, and torch_npu implements them on Ascend). Both replace the per-tensor loop, whose
     results they match up to the last bits; each is deterministic."""
     return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+
+
+def graph_capture_reason(device: torch.device | str) -> str | None:
+    """None when `device` can record a sequence of kernels once and replay it (CUDA graphs: one
+    launch per replay instead of one per op), else the reason it cannot."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device graphs are implemented for CUDA only, not for {device.type}"
+    if not kind_available("cuda"):
+        return "no CUDA device is available here"
+    return None
+
+
+def capture_graph(device: torch.device | str, step, warmup: int = 2):
+    """(graph, output): `step()` recorded as a CUDA graph on `device`; graph.replay() reruns it on
+    the same input/output memory. step must read its inputs from, and write its effects to,
+    tensors that outlive the graph, and be idempotent (it runs warmup + 1 times here; the warm-up
+    runs on a side stream, as the CUDA docs require). Raises DeviceError where
+    graph_capture_reason(device) gives a reason."""
+    reason = graph_capture_reason(device)
+    if reason is not None:
+        raise DeviceError(reason)
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    return graph, output
 
 
 def set_device(device: torch.device | str) -> None:

@@ -61,9 +61,11 @@ class SFTConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0    # max global grad norm (0 = off)
-    dtype: str = "fp32"       # fp32 | bf16 (bf16 autocast, fp32 master weights)
+    dtype: str = "fp32"       # fp32 | bf16 (bf16 autocast, fp32 master weights) | auto (bf16 where fast)
     device: str = ""          # "" = run.device
     max_seq_len: int = 256    # longer examples are truncated
+    packing: bool = True      # padding-free micro-batches: examples packed into rows, each attending
+                              # only to itself (tandem/train/packing.py); false: right-padded rows
     checkpoint_every: int = 100
     keep_checkpoints: int = 3 # newest K committed checkpoints kept
     log_every: int = 10
@@ -104,7 +106,9 @@ class RLConfig:
     scale_rewards: str = "group"   # advantage divisor: group std | batch std | none (Dr. GRPO)
     filter_groups: bool = False    # drop groups whose rewards are all equal (zero advantage) from the
                                    # update, as DAPO's dynamic sampling does (without its resampling)
-    dtype: str = "fp32"            # trainer compute: fp32 | bf16 (autocast, fp32 master weights)
+    dtype: str = "fp32"            # trainer compute: fp32 | bf16 (autocast, fp32 master weights) | auto
+    packing: bool = True           # padding-free update: sequences packed, each attending only to itself
+                                   # (tandem/train/packing.py); false: right-padded rows
     device: str = ""               # trainer device ("" = run.device)
     threads: int = 0               # trainer torch threads (0 = run.threads)
     trainers: int = 1              # trainer ranks (data parallel over the trainer device's backend)
@@ -306,7 +310,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 # Training has no loss scaling, so fp16 gradients would underflow silently; inference may use fp16.
-TRAIN_DTYPES = "fp32, bf16 (fp16 only for inference: training has no loss scaling)"
+TRAIN_DTYPES = "auto, fp32, bf16 (auto: bf16 where the device has bf16 units; fp16 only for inference: no loss scaling)"
 
 
 def _check(condition: bool, key: str, allowed: str, value) -> None:
@@ -342,7 +346,7 @@ def _validate_rl(cfg: Config) -> None:
     _check(r.checkpoint_every >= 1, "rl.checkpoint_every", ">= 1", r.checkpoint_every)
     _check(r.keep_checkpoints >= 1, "rl.keep_checkpoints", ">= 1", r.keep_checkpoints)
     _check(r.log_every >= 1, "rl.log_every", ">= 1", r.log_every)
-    _check(r.dtype in ("fp32", "bf16"), "rl.dtype", TRAIN_DTYPES, r.dtype)
+    _check(r.dtype in ("auto", "fp32", "bf16"), "rl.dtype", TRAIN_DTYPES, r.dtype)
     _check(w.dtype in ("fp32", "bf16", "fp16"), "rollout.dtype", "fp32, bf16, fp16", w.dtype)
     _check(w.workers >= 0, "rollout.workers", ">= 0 (0 = colocated in the trainer)", w.workers)
     _check(w.max_batch >= 1, "rollout.max_batch", ">= 1", w.max_batch)
@@ -427,7 +431,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "sft.min_lr_ratio", "0..1", s.min_lr_ratio)
     _check(s.checkpoint_every >= 1, "sft.checkpoint_every", ">= 1", s.checkpoint_every)
     _check(s.keep_checkpoints >= 1, "sft.keep_checkpoints", ">= 1", s.keep_checkpoints)
-    _check(s.dtype in ("fp32", "bf16"), "sft.dtype", TRAIN_DTYPES, s.dtype)
+    _check(s.dtype in ("auto", "fp32", "bf16"), "sft.dtype", TRAIN_DTYPES, s.dtype)
     _check(cfg.run.parallel in ("ddp", "fsdp"), "run.parallel", "ddp, fsdp", cfg.run.parallel)
     _check(cfg.eval.dtype in ("fp32", "bf16", "fp16"), "eval.dtype", "fp32, bf16, fp16", cfg.eval.dtype)
     _check(len(cfg.data.tasks) >= 1, "data.tasks", "a non-empty list of task names", cfg.data.tasks)

@@ -195,7 +195,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.heads != self.kv_heads
-        if cache is None:  # training / full recompute: plain causal attention
+        if cache is None and mask is not None:  # unpadded tokens (tandem/train/packing.py's Varlen)
+            out = mask.attend(q, k, v, gqa)
+        elif cache is None:  # training / full recompute: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             # Write the new keys/values at their positions, then attend over the slots (masked).
@@ -281,7 +283,7 @@ class Transformer(nn.Module):
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-               cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+               cache: KVCache | None = None, slots: torch.Tensor | None = None, varlen=None) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim].
 
         input_ids: [B, T]. Without a cache: a causal forward over positions 0..T-1 (training;
@@ -291,10 +293,13 @@ class Transformer(nn.Module):
         slot (later positions masked: the used length would need a device->host read; the engine,
         which tracks lengths on the host, reads only the used prefix). Positions must be below
         max(max_position_embeddings, T, the cache's max_len).
+        varlen (without a cache): input_ids is [1, N], the tokens of several sequences end to end
+        with `positions` restarting at each; varlen.attend(q, k, v, gqa) does their attention, each
+        sequence causal over itself only (tandem/train/packing.py).
         """
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        mask = None
+        mask = varlen
         need = max(T, cache.max_len if cache is not None else 0)
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)

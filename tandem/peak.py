@@ -9,6 +9,8 @@ so it reads higher than an MFU against a vendor's number would.
 
     peak = matmul_peak(device, "bf16", model_config, tokens=2048)    # FLOP/s, ~0.1 s of measuring
     peaks = run_peaks(run_dir, device, ["fp32", "bf16"], model_config, tokens)   # once per run
+    utilisation(flops, seconds, peaks)   -> {"fp32": 0.41, "bf16": 0.12}: MFU against each peak
+    describe_mfu({"fp32": 0.41})         -> "41.0% of the fp32 matmul peak"
 
 Every device question (which device, which dtype, waiting for queued work) goes through accel.
 """
@@ -72,3 +74,17 @@ def run_peaks(run_dir: Path, device, dtypes: list[str], config: ModelConfig, tok
     if peaks != known.get(key):
         update_summary(run_dir, device_peaks=dict(known, **{key: peaks}))
     return peaks
+
+
+def utilisation(flops: float, seconds: float, peaks: dict[str, float]) -> dict[str, float | None]:
+    """Model FLOPs utilisation: achieved FLOP/s over each measured peak ({dtype: share}); None where
+    nothing was timed. Against the fp32 peak it can exceed 1 in bf16 (bf16 units outrun fp32 ones)."""
+    achieved = flops / seconds if seconds else 0.0
+    return {dtype: (achieved / peak if achieved and peak else None) for dtype, peak in peaks.items()}
+
+
+def describe_mfu(mfu: dict | None) -> str:
+    """"41.0% of the fp32 / 12.0% of the bf16 matmul peak" ("n/a" without figures: runs from before
+    MFU was recorded, or nothing timed)."""
+    shares = [f"{share:.1%} of the {dtype}" for dtype, share in (mfu or {}).items() if share]
+    return f"{' / '.join(shares)} matmul peak" if shares else "n/a"

@@ -24,7 +24,7 @@ from tandem.evaluate import evaluate_task
 from tandem.infer.engine import Engine
 from tandem.ledger import Ledger
 from tandem.loading import init_run, load_model, load_weights
-from tandem.peak import run_peaks
+from tandem.peak import run_peaks, utilisation
 from tandem.progress import keep_alive, log
 from tandem.report import write_report
 from tandem.resilience.incidents import Heartbeat
@@ -74,9 +74,8 @@ def ensure_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task]) -> ChatToken
 
 def check_runnable(cfg: Config) -> list[Task]:
     """Fail fast, before anything is written: devices, dtypes and tasks must all resolve."""
-    for section in ("sft", "eval"):
-        device = accel.resolve_device(cfg.device_for(section))
-        accel.resolve_dtype(getattr(cfg, section).dtype, device)
+    accel.train_dtype(cfg.sft.dtype, accel.resolve_device(cfg.device_for("sft")))
+    accel.resolve_dtype(cfg.eval.dtype, accel.resolve_device(cfg.device_for("eval")))
     if cfg.rl.steps:
         from tandem.train.rollout import check_devices
         check_devices(cfg)  # the GRPO trainer and rollout roles
@@ -120,12 +119,13 @@ def run_sft_stage(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         return run_dir  # a rerun of a finished stage trained nothing: keep the figures of the run that did
     if init:
         stats["init"] = {"path": init[2]["path"], "step": init[2]["step"], "phase": init[2]["phase"]}
-    peaks = run_peaks(run_dir, stats["device"], ["fp32", cfg.sft.dtype],
+    peaks = run_peaks(run_dir, stats["device"], ["fp32", stats["dtype"]],
                       dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size),
                       tokens=cfg.sft.batch_size * cfg.sft.max_seq_len)
+    stats["mfu"] = utilisation(stats["flops"], stats["seconds"], peaks)
     ledger = Ledger.from_dict(read_summary(run_dir).get("ledger"))
     ledger.add("sft", stats["device_kind"], stats["seconds"], stats["tokens"], stats["flops"],
-               peak_flops=peaks[cfg.sft.dtype])
+               peak_flops=peaks[stats["dtype"]])
     update_summary(run_dir, parameters=stats["parameters"], sft=stats, ledger=ledger.to_dict())
     return run_dir
 

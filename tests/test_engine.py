@@ -358,3 +358,70 @@ def test_kv_cache_without_max_len_fits_a_memory_budget(model):
     with pytest.raises(TandemError, match="does not fit .* lower max_batch or pass max_len") as info:
         Engine(model, max_batch=4, cache_memory_fraction=fraction / 1000)
     assert "\n" not in str(info.value)
+
+
+# --- the decode step replayed from a device graph ---------------------------------------------
+
+class EagerReplay:
+    """Stands in for accel.capture_graph where CUDA is absent, with a graph's semantics: the step
+    runs once at capture (plus once as warm-up), and each replay overwrites the SAME output tensor."""
+
+    def __init__(self, step):
+        self.step = step
+        step()                                           # the warm-up run the real capture does
+        self.output = step()
+
+    def replay(self):
+        self.output.copy_(self.step())
+
+
+def _graph_engine(model, max_batch, capture):
+    from tandem.infer.decode_graph import DecodeGraphs
+    engine = Engine(model, max_batch=max_batch, max_len=64)
+    engine._graphs = DecodeGraphs(engine, capture)
+    return engine
+
+
+def test_the_static_decode_step_in_graph_buckets_decodes_like_the_eager_one():
+    """The step a graph captures (no host reads: the whole cache under a device-built mask), in
+    power-of-two batch buckets with requests leaving and joining: greedy tokens identical to the
+    eager engine; new weights loaded in place are picked up (the graphs are captured again)."""
+    def capture(device, step):
+        replay = EagerReplay(step)
+        return replay, replay.output
+
+    model, other = make_model(seed=3), make_model(seed=7)
+    params = [greedy(n, logprobs=True) for n in (5, 17, 9, 12)]       # lengths differ: buckets 4 -> 2 -> 1
+    eager = Engine(model, max_batch=4, max_len=64).generate(PROMPTS, params)
+    graphed = _graph_engine(model, 4, capture)
+    replayed = graphed.generate(PROMPTS, params)
+    assert [g.token_ids for g in replayed] == [g.token_ids for g in eager]
+    assert sorted(graphed._graphs.graphs) == [1, 2, 4]
+    for a, b in zip(replayed, eager):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    model.load_state_dict(other.state_dict())          # in place: the engine's fused copies go stale
+    expected = Engine(other, max_batch=4, max_len=64).generate(PROMPTS, params)
+    assert [g.token_ids for g in expected] != [g.token_ids for g in eager]
+    assert [g.token_ids for g in graphed.generate(PROMPTS, params)] == [g.token_ids for g in expected]
+
+
+def test_capture_decode_needs_a_device_that_can_capture(model):
+    from tandem import accel
+    reason = accel.graph_capture_reason("cpu")
+    assert reason and "CUDA" in reason
+    with pytest.raises(TandemError, match="capture_decode: .*capture_decode=False"):
+        Engine(model, max_batch=2, max_len=32, capture_decode=True)
+
+
+@pytest.mark.skipif(__import__("tandem.accel", fromlist=["x"]).graph_capture_reason("cuda") is not None,
+                    reason="CUDA graphs need a CUDA device; this machine has none")
+def test_cuda_graph_decode_equals_eager_greedy():
+    """Real CUDA graphs: greedy tokens identical to the eager engine, before and after new weights
+    are loaded in place (the captured graphs read the old fused copies unless captured again)."""
+    cuda_model, other = make_model(seed=2).cuda(), make_model(seed=7).cuda()
+    params = [greedy(n) for n in (6, 20, 11, 14)]
+    graphed = Engine(cuda_model, max_batch=4, max_len=64, capture_decode=True)
+    for weights in (cuda_model, other):
+        cuda_model.load_state_dict(weights.state_dict())
+        eager = Engine(cuda_model, max_batch=4, max_len=64).generate(PROMPTS, params)
+        assert [g.token_ids for g in graphed.generate(PROMPTS, params)] == [g.token_ids for g in eager]

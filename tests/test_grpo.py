@@ -189,6 +189,20 @@ def test_sync_mode_is_deterministic_and_resumes_bitwise(tmp_path, init_model, te
     assert all(m["mismatch"] > 0 for m in read_metrics(tmp_path / "a", "rl"))  # bf16 worker vs fp32 trainer
 
 
+def test_a_bf16_trainer_resumes_bitwise(tmp_path, init_model, test_tasks):
+    """rl.dtype=bf16 (autocast over fp32 master weights and AdamW moments), rollouts colocated:
+    interrupted after step 1 and resumed == straight, bit for bit; the master weights stay fp32."""
+    overrides = ['rl.tasks=["charcount"]', "rl.mode=sync", "rollout.workers=0", "rl.dtype=bf16", "rl.steps=2"]
+    straight = _rl(tmp_path / "a", init_model, overrides)
+    _rl(tmp_path / "b", init_model, overrides, stop_after=1)
+    resumed = _rl(tmp_path / "b", init_model, overrides)
+    assert resumed["resumed_from"] == 1 and straight["dtype"] == "bf16"
+    final = load_checkpoint(latest_valid(tmp_path / "a" / "checkpoints" / "rl"))
+    assert all(t.dtype == torch.float32 for t in final["model"].values())
+    assert straight["init_fingerprint"] != _fingerprint(tmp_path / "a")
+    assert _fingerprint(tmp_path / "a") == _fingerprint(tmp_path / "b")
+
+
 def test_the_pipeline_runs_grpo_between_two_evals(smoke_run):
     """`tandem pipeline --preset smoke` (the shared CLI fixture): SFT -> eval "sft" -> GRPO -> eval "rl"."""
     summary = read_summary(smoke_run)
@@ -207,6 +221,10 @@ def test_the_pipeline_runs_grpo_between_two_evals(smoke_run):
     ledger = {(row["phase"], row["device_kind"]) for row in summary["ledger"]}
     assert {("rollout", "cpu"), ("policy_update", "cpu"), ("weight_sync", "cpu"), ("sft", "cpu")} <= ledger
     report = (smoke_run / "report.md").read_text()
+    for stage, what in (("sft", "SFT"), ("rl", "Policy update")):   # MFU against the run's measured peaks
+        mfu = summary[stage]["mfu"]
+        assert set(mfu) == {"fp32", summary[stage]["dtype"]} and all(0 < share < 10 for share in mfu.values())
+        assert f"{what} MFU: {mfu['fp32']:.1%} of the fp32" in report
     for plot in ("rl_reward.png", "rl_accuracy.png", "rl_length.png", "rl_mismatch.png"):
         assert f"(plots/{plot})" in report and (smoke_run / "plots" / plot).is_file()
 

@@ -5,7 +5,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 
 from conftest import ROOT, fragile_llama, tiny_model_config
 

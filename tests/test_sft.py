@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_tandem
+from tandem import accel
 from tandem.config import load_config
 from tandem.model import weights_fingerprint
 from tandem.pipeline import build_tasks, ensure_tokenizer
@@ -42,6 +43,13 @@ def test_resume_is_bitwise_exact(tmp_path, dtype, accum):
     straight = [r["loss"] for r in read_metrics(tmp_path / "straight", "sft")]
     resumed = [r["loss"] for r in read_metrics(tmp_path / "resumed", "sft")]
     assert straight == resumed  # metrics logged past the checkpoint by the first attempt are dropped
+
+
+def test_auto_dtype_trains_in_what_the_device_does_fast(tmp_path):
+    """sft.dtype=auto: bf16 autocast only where accel finds bf16 units (fp32 on e.g. an AVX2 CPU);
+    the summary records the dtype used."""
+    cfg = load_config(preset="smoke", overrides=OVERRIDES + ["sft.dtype=auto", "sft.steps=1"])
+    assert _train(tmp_path / "run", cfg)["dtype"] == accel.train_dtype("auto", "cpu")
 
 
 def test_training_reduces_loss(tmp_path):

@@ -44,6 +44,10 @@ query and output, as DeepSeek's inference code does), over the used prefix of th
 Slots, queueing, sampling and scoring are the same as for the dense models; the fused fast path
 below is the dense models' only.
 
+Device graphs (`capture_decode=True`, where accel.graph_capture_reason allows: CUDA): the decode
+step is recorded once per batch-size bucket and replayed, one launch instead of ~100
+(tandem/infer/decode_graph.py). Off by default; on the cpu there is nothing to capture.
+
 Weights. The engine reads the model's own tensors except the fused q/k/v and gate/up matrices,
 which are copies built at construction (memory: about the model's attention + MLP weights once
 more). `refresh_weights()` rebuilds them. The engine also notices weight changes by itself
@@ -234,7 +238,8 @@ class Engine:
     """Continuous-batching generation over a fixed pool of KV-cache slots. See the module doc."""
 
     def __init__(self, model: Transformer, max_batch: int = 32, max_len: int | None = None,
-                 seed: int = 0, max_prefill_tokens: int = 16384, cache_memory_fraction: float = 0.5):
+                 seed: int = 0, max_prefill_tokens: int = 16384, cache_memory_fraction: float = 0.5,
+                 capture_decode: bool = False):
         if not _is_int(max_batch) or max_batch < 1:
             raise RequestError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         config = model.config
@@ -295,6 +300,15 @@ class Engine:
         self._next_id = 0
         self._plan: _Plan | None = None
         self._weights_key = None
+        self._graphs = None
+        if capture_decode:      # replay the decode step from device graphs (accel says where it can)
+            reason = accel.graph_capture_reason(self.device)
+            if reason is None and self._latent:
+                reason = "the MLA (deepseek_v3) decode step reads host positions, so it cannot be captured"
+            if reason is not None:
+                raise RequestError(f"capture_decode: {reason}; build the Engine with capture_decode=False")
+            from tandem.infer.decode_graph import DecodeGraphs
+            self._graphs = DecodeGraphs(self)
         self.refresh_weights()
 
     def _position_bytes(self, max_batch: int) -> int:
@@ -354,6 +368,8 @@ class Engine:
             self._final_norm = final * math.sqrt(D) if self._fold else final
             self._lm_head_t = m.lm_head.weight.detach().t()
         self._weights_key = self._current_weights_key()
+        if self._graphs is not None:    # the graphs read the old tensors
+            self._graphs.clear()
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm; in fp32 mode without the scale (folded into the next weights, see __init__)."""
@@ -475,7 +491,7 @@ class Engine:
             if not total:
                 return []
             try:
-                parts = [self._decode(n)] if n else []
+                parts = [self._graphs.decode(n) if self._graphs is not None else self._decode(n)] if n else []
                 start = n
                 while start < total:          # prefill in chunks of at most max_prefill_tokens
                     stop, longest = start + 1, len(self._slots[start].prompt)
@@ -547,8 +563,13 @@ class Engine:
 
     # --- forward passes ---------------------------------------------------------------------
 
-    def _decode(self, n: int) -> torch.Tensor:
-        """One token for each of slots 0..n-1 (their pending token at their position): logits [n, V]."""
+    def _decode(self, n: int, static: bool = False) -> torch.Tensor:
+        """One token for each of slots 0..n-1 (their pending token at their position): logits [n, V].
+
+        static: read no host value (positions stay on the device): attend over the whole cache
+        under a mask built on the device, so every tensor's shape depends on n alone and the step
+        can be replayed from a captured device graph (tandem/infer/decode_graph.py). Otherwise
+        attention reads only the used prefix, and no mask when every row sits at one position."""
         if self._latent:
             used = max(self._pos_py[:n]) + 1
             hidden = self._latent_forward(self._last[:n].view(n, 1), self._pos[:n].view(n, 1), 0, used)
@@ -559,12 +580,16 @@ class Engine:
         x = F.embedding(self._last[:n], self._embed)                            # [n, D]
         cos, sin = torch.cat((self._cs[pos].expand(n, 2, H + KV, hd), self._vpad[:n]), 2).unbind(1)
         rows = (self._base[:n] + pos.view(n, 1, 1)).view(-1)                    # cache rows to write
-        positions = self._pos_py[:n]
-        hi = max(positions)
-        used = hi + 1
-        mask = None
-        if n > 1 and min(positions) != hi:    # rows at different positions: hide their futures
-            mask = (self._arange[:used] <= pos.view(n, 1)).view(n, 1, 1, used)
+        if static:
+            used = self.max_len
+            mask = (self._arange <= pos.view(n, 1)).view(n, 1, 1, used)
+        else:
+            positions = self._pos_py[:n]
+            hi = max(positions)
+            used = hi + 1
+            mask = None
+            if n > 1 and min(positions) != hi:    # rows at different positions: hide their futures
+                mask = (self._arange[:used] <= pos.view(n, 1)).view(n, 1, 1, used)
         norm = self._norm
         kv = iter(self._buf[:, :, :n, :, :used].flatten(0, 1).unbind(0))    # k0, v0, k1, v1, ...
         for (ln1, wqkv, bqkv, wo_t, ln2, wgu, wd_t), flat, k, v in zip(self._layers, self._flat, kv, kv):

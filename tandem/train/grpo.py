@@ -121,7 +121,7 @@ from tandem.ledger import Ledger
 from tandem.architectures import model_from_state
 from tandem.loading import find_checkpoint, load_weights
 from tandem.model import estimate_train_flops, weights_fingerprint
-from tandem.peak import run_peaks
+from tandem.peak import run_peaks, utilisation
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
@@ -224,7 +224,8 @@ class GRPOTrainer:
         self.rank, self.world = ((dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group is not None
                                  else (0, 1))
         self.leader = self.rank == 0
-        self.amp_dtype = accel.resolve_dtype(self.r.dtype, self.device)
+        self.dtype = accel.train_dtype(self.r.dtype, self.device)   # "auto" resolved: bf16 only where fast
+        self.amp_dtype = accel.DTYPES[self.dtype]
         self.ckpt_root = run_dir / "checkpoints" / "rl"
         self.latest = latest_valid(self.ckpt_root)
         self.resumed = load_checkpoint(self.latest) if self.latest is not None else None
@@ -300,8 +301,9 @@ class GRPOTrainer:
             self.prior_faults = dict(rl_totals.get("worker_faults", {}))
         self.trainer_kind, self.flops_fwd = accel.device_kind(self.device), self.model_config.flops_per_token()
         rows = r.micro_batch_size or r.prompts_per_step * r.group_size
-        self.peak = (run_peaks(self.run_dir, self.device, ["fp32", r.dtype], self.model_config,
-                               tokens=rows * (r.max_prompt_len + r.max_new_tokens))[r.dtype] if self.leader else None)
+        self.peaks = (run_peaks(self.run_dir, self.device, ["fp32", self.dtype], self.model_config,
+                                tokens=rows * (r.max_prompt_len + r.max_new_tokens)) if self.leader else {})
+        self.peak = self.peaks.get(self.dtype)
         self.reported: set[str] = set()
 
     # --- state: restore, roll back, checkpoint ---------------------------------------------------
@@ -612,13 +614,20 @@ class GRPOTrainer:
         """What summary.json records under "rl"."""
         r, totals, rollouts = self.r, self.totals, self.rollouts
         return {"steps": r.steps, "resumed_from": self.start, "mode": r.mode, "device": str(self.device),
-                "device_kind": self.trainer_kind, "dtype": r.dtype,
+                "device_kind": self.trainer_kind, "dtype": self.dtype,
                 "rollout": (rollouts.describe() if rollouts is not None
                             else self.summary.get("rl", {}).get("rollout", {})),
                 "init": str(self.init_path), "init_fingerprint": self.init_fingerprint, **totals,
                 "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
                 "useful_seconds": self.useful_seconds, "worker_faults": self.worker_faults(),
-                "incidents": dict(self.incidents.counts), "parameters": self.model_config.num_parameters()}
+                "incidents": dict(self.incidents.counts), "parameters": self.model_config.num_parameters(),
+                "mfu": self.update_mfu()}
+
+    def update_mfu(self) -> dict:
+        """The policy update's utilisation against the fp32 peak and the run's dtype's (the ledger's
+        policy_update row: every update of the run, resumed attempts included)."""
+        row = self.ledger.rows.get(("policy_update", self.trainer_kind))
+        return utilisation(row["flops"], row["seconds"], self.peaks) if row and self.peaks else {}
 
     def finish(self) -> dict:
         from tandem.train.rollout import leave_trainers

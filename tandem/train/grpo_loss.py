@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from tandem.errors import ConfigError
 from tandem.model import Transformer
+from tandem.train.packing import Layout, packed_layout, target_hidden
 
 # -----------------------------------------------------------------------------------------------
 # The loss, on flat token tensors (every completion token of the batch, sequence after sequence)
@@ -120,6 +121,7 @@ def mismatch(logp_train: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
 
 @dataclass
 class Batch:
+    """A batch of rollouts; `layout(packed)` is what the model reads (rl.packing: no pads)."""
     input_ids: torch.Tensor     # [B, T] prompt + completion, right-padded
     target_mask: torch.Tensor   # [B, T-1] True where position t predicts completion token t+1
     lengths: list[int]          # completion length of each sequence
@@ -128,6 +130,18 @@ class Batch:
     weights: torch.Tensor       # [N] loss normalisation c_t
     tokens: int                 # real tokens (prompt + completion) in the batch
     widths: list[int]           # prompt + completion length of each sequence (on the host: no device read)
+    sequences: list[list[int]]  # prompt + completion of each sequence (on the host)
+    prompt_lens: list[int]
+
+    def layout(self, packed: bool) -> Layout:
+        """The batch as the model reads it (tandem/train/packing.py): these padded rows, or packed."""
+        predicts = [list(range(p - 1, len(s) - 1)) for s, p in zip(self.sequences, self.prompt_lens)]
+        device = self.input_ids.device
+        if packed:
+            return packed_layout(self.sequences, predicts, device)
+        width = self.input_ids.shape[1]
+        predict = torch.tensor([i * width + t for i, p in enumerate(predicts) for t in p], device=device)
+        return Layout(self.input_ids, None, None, predict, self.input_ids.view(-1)[predict + 1])
 
     def select(self, rows: list[int]) -> "Batch":
         """The sub-batch of sequences `rows` (contiguous), flat tensors sliced to match."""
@@ -139,7 +153,8 @@ class Batch:
         width = max(widths)
         return Batch(self.input_ids[rows, :width], self.target_mask[rows, :width - 1],
                      [self.lengths[r] for r in rows], self.logp_rollout[lo:hi], self.advantages[lo:hi],
-                     self.weights[lo:hi], 0, widths)
+                     self.weights[lo:hi], 0, widths, [self.sequences[r] for r in rows],
+                     [self.prompt_lens[r] for r in rows])
 
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
@@ -157,16 +172,14 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], logprobs
     return Batch(ids.to(device), mask.to(device), lengths,
                  torch.tensor([x for lp in logprobs for x in lp], dtype=torch.float32, device=device),
                  per_token_adv.to(device), token_weights(lengths, loss_norm, max_new_tokens).to(device),
-                 sum(len(r) for r in rows), [len(r) for r in rows])
+                 sum(len(r) for r in rows), [len(r) for r in rows], rows, [len(p) for p in prompts])
 
 
-def token_logprobs(model: Transformer, batch: Batch) -> torch.Tensor:
+def token_logprobs(model: Transformer, layout: Layout) -> torch.Tensor:
     """[N] log p(completion token) under `model` (flat, sequence after sequence); logits are formed
     only at the positions that predict a completion token."""
-    hidden = model.hidden(batch.input_ids)[:, :-1][batch.target_mask]
-    logits = model.lm_head(hidden).float()
-    targets = batch.input_ids[:, 1:][batch.target_mask]
-    return logits.log_softmax(-1).gather(1, targets.view(-1, 1)).view(-1)
+    logits = model.lm_head(target_hidden(model, layout)).float()
+    return logits.log_softmax(-1).gather(1, layout.targets.view(-1, 1)).view(-1)
 
 
 class PolicyUpdate:
@@ -185,6 +198,7 @@ class PolicyUpdate:
         self.amp_dtype, self.group, self.corrupt_loss = amp_dtype, group, corrupt_loss
         micro = r.micro_batch_size or max(1, len(rows))
         self.subs = [batch.select(rows[i:i + micro]) for i in range(0, len(rows), micro)]
+        self.layouts = [sub.layout(r.packing) for sub in self.subs]
         self.params = list({id(p): p for p in model.parameters()}.values())
         self.old: list[torch.Tensor] = []   # per micro-batch: logp_old, the policy before this batch's updates
         self.ref: list[torch.Tensor] = []   # per micro-batch: the reference's logprobs (kl_coef > 0)
@@ -199,14 +213,14 @@ class PolicyUpdate:
         device = self.batch.input_ids.device
         total_tokens = max(1, self.batch.logp_rollout.numel())
         sums = torch.zeros(len(self.KEYS), device=device)
-        for c, sub in enumerate(self.subs):
+        for c, (sub, layout) in enumerate(zip(self.subs, self.layouts)):
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                logp = token_logprobs(self.model, sub)
+                logp = token_logprobs(self.model, layout)
                 if c == len(self.old):  # the first pass over the batch: the weights are still logp_old's
                     self.old.append(logp.detach())
                     if self.reference is not None:
                         with torch.no_grad():
-                            self.ref.append(token_logprobs(self.reference, sub))
+                            self.ref.append(token_logprobs(self.reference, layout))
             r = self.r
             terms = grpo_loss(logp, self.old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
                               sub.logp_rollout, r.tis_cap, self.ref[c] if self.ref else None, r.kl_coef)

@@ -131,10 +131,10 @@ class Ranks:
         dist.barrier()
         dist.destroy_process_group()
 
-    def local_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous share of a batch's rows."""
-        n = tensor.shape[0] // self.world
-        return tensor[self.rank * n:(self.rank + 1) * n]
+    def local_rows(self, rows):
+        """This rank's contiguous share of a batch's rows (a list of examples or a tensor)."""
+        n = len(rows) // self.world
+        return rows[self.rank * n:(self.rank + 1) * n]
 
     def shard(self, model) -> None:
         """FSDP2 in place: each decoder layer, then the root (no-op for DDP)."""

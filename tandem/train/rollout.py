@@ -719,7 +719,8 @@ def check_devices(cfg) -> None:
             continue  # workers may live on other machines; each checks its own device
         spec = cfg.device_for(section)
         try:
-            accel.resolve_dtype(getattr(cfg, section).dtype, accel.resolve_device(spec))
+            device, dtype = accel.resolve_device(spec), getattr(cfg, section).dtype
+            accel.train_dtype(dtype, device) if section == "rl" else accel.resolve_dtype(dtype, device)
         except TandemError as exc:
             raise type(exc)(f"{section}.device = {spec!r} ({section} role): {exc}") from None
 

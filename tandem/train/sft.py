@@ -9,7 +9,9 @@ RNG state, and N steps + resume + M steps gives bitwise the same weights as N+M 
 (same device and thread count; tests/test_sft.py proves it).
 
 The loss is computed only where it is needed: logits are formed for the positions that predict an
-assistant token, not for the whole padded batch (same loss, less work).
+assistant token, not for the whole padded batch (same loss, less work). With sft.packing the
+examples of a micro-batch are packed into rows with no padding (tandem/train/packing.py): the same
+loss and gradients up to float rounding, fewer pad tokens through the layers.
 
 Unstable hardware (tandem/resilience/): every step rewrites a heartbeat for the supervisor, passes
 the fault injector's points (tests and `tandem chaos`), lets the guard skip an update with a
@@ -43,6 +45,7 @@ from tandem.tokenizer import ChatTokenizer
 from tandem.train import sharded_checkpoint
 from tandem.train.balance import balance_experts
 from tandem.train.parallel import Ranks
+from tandem.train.packing import Layout, make_layout, target_hidden
 from tandem.train.checkpoint import (AsyncCheckpointer, discard_newer, latest_valid, load_checkpoint,
                                      save_checkpoint)
 from tandem.resilience.faults import DeviceFault, FaultInjector
@@ -75,41 +78,37 @@ def check_fits(max_seq_len: int, tokenizer: ChatTokenizer, tasks: list[Task], sa
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor   # [B, T] right-padded
-    target_mask: torch.Tensor # [B, T-1] True where position t predicts an assistant token t+1
+    layout: Layout            # the sequences as tensors: right-padded rows, or packed (sft.packing)
+    targets: int              # assistant tokens to predict (known on the host)
     tokens: int               # real (non-pad) tokens in the batch
 
 
-def make_batch(examples, tokenizer: ChatTokenizer, max_len: int, device) -> Batch:
-    rows, masks = [], []
+def make_batch(examples, tokenizer: ChatTokenizer, max_len: int, device, packed: bool = False) -> Batch:
+    """The examples' chats, truncated to max_len tokens; targets: every assistant token."""
+    rows, predicts = [], []
     for example in examples:
         ids, mask = tokenizer.encode_chat(example.messages())
-        rows.append(ids[:max_len])
-        masks.append(mask[:max_len])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (ids, mask) in enumerate(zip(rows, masks)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
-    return Batch(input_ids.to(device), loss_mask[:, 1:].to(device), sum(len(r) for r in rows))
+        ids, mask = ids[:max_len], mask[:max_len]
+        rows.append(ids)
+        predicts.append([t for t in range(len(ids) - 1) if mask[t + 1]])
+    layout = make_layout(rows, predicts, tokenizer.pad_id, device, packed)
+    return Batch(layout, sum(map(len, predicts)), sum(map(len, rows)))
 
 
 def assistant_loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
     """Sum of next-token cross-entropy over assistant tokens."""
-    hidden = model.hidden(batch.input_ids)[:, :-1][batch.target_mask]
-    logits = model.lm_head(hidden)
-    targets = batch.input_ids[:, 1:][batch.target_mask]
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    logits = model.lm_head(target_hidden(model, batch.layout))
+    return F.cross_entropy(logits.float(), batch.layout.targets, reduction="sum")
 
 
 def forward_backward(model: Transformer, micro: list[Batch], amp_dtype, n_targets: int,
                      corrupt_loss=lambda loss: loss) -> float:
     """Accumulate the gradients of the step's mean assistant-token loss over its micro-batches;
     returns the loss. corrupt_loss is the fault injector's hook (identity otherwise)."""
-    loss_total = torch.zeros((), device=micro[0].input_ids.device)
+    device = micro[0].layout.input_ids.device
+    loss_total = torch.zeros((), device=device)
     for batch in micro:
-        with torch.autocast(batch.input_ids.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             loss = corrupt_loss(assistant_loss_sum(model, batch) / n_targets)
         loss.backward()
         loss_total += loss.detach()     # on the device: read once, not once per micro-batch
@@ -161,7 +160,8 @@ class SFTTrainer:
         self.device = device = ranks.device if ranks else accel.resolve_device(cfg.device_for("sft"))
         accel.set_device(device)
         accel.set_deterministic(device, cfg.run.deterministic)
-        self.amp_dtype = accel.resolve_dtype(s.dtype, device)
+        self.dtype = accel.train_dtype(s.dtype, device)      # "auto" resolved: bf16 only where it is fast
+        self.amp_dtype = accel.DTYPES[self.dtype]
         # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
         # compared with it (resilience.replicas: identical copies fed identical batches).
         self.models = [new_model(cfg, tokenizer.vocab_size, device, cfg.run.seed)]
@@ -312,11 +312,13 @@ class SFTTrainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         first = step * s.batch_size * s.grad_accum
-        micro = [make_batch([example_for(self.tasks, first + m * s.batch_size + j) for j in range(s.batch_size)],
-                            self.tokenizer, s.max_seq_len, self.device) for m in range(s.grad_accum)]
-        n_targets = sum(int(b.target_mask.sum()) for b in micro)   # over the whole global batch
-        mine = micro if self.ranks is None else [
-            Batch(self.ranks.local_rows(b.input_ids), self.ranks.local_rows(b.target_mask), b.tokens) for b in micro]
+        examples = [[example_for(self.tasks, first + m * s.batch_size + j) for j in range(s.batch_size)]
+                    for m in range(s.grad_accum)]
+        micro = [make_batch(chunk, self.tokenizer, s.max_seq_len, self.device, s.packing) for chunk in examples]
+        n_targets = sum(b.targets for b in micro)   # over the whole global batch
+        mine = micro if self.ranks is None else [   # this rank's examples of each micro-batch
+            make_batch(self.ranks.local_rows(chunk), self.tokenizer, s.max_seq_len, self.device, s.packing)
+            for chunk in examples]
         losses = [0.0] * len(models)
 
         def compute(i: int) -> None:
@@ -379,7 +381,7 @@ class SFTTrainer:
 
     def summary(self, start: int) -> dict:
         s, config, busy = self.s, self.models[0].config, self.busy_seconds
-        return {"steps": s.steps, "resumed_from": start, "device": str(self.device),
+        return {"steps": s.steps, "resumed_from": start, "device": str(self.device), "dtype": self.dtype,
                 "device_kind": accel.device_kind(self.device), "seconds": busy, "tokens": self.tokens_total,
                 "tokens_per_s": self.tokens_total / busy if busy else None,
                 "flops": estimate_train_flops(config, self.tokens_total),
