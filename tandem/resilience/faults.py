@@ -4,7 +4,9 @@ trainer calls in.
     tandem sft --preset smoke --out runs/x --supervise --set resilience.faults="kill@7,nan@12"
     tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,bitflip:grad@15
 
-Both trainers (train/sft.py, train/grpo.py) call the same hooks (and use resilience/guard.py,
+The server's engine faults (`tandem serve --fault hang@30 --fault-mtbf 200`) use this syntax and
+parser with their own kinds (infer/server/recovery.py). Both trainers (train/sft.py,
+train/grpo.py) call the same hooks (and use resilience/guard.py,
 resilience/replicas.py and resilience/incidents.py for what the faults do to them).
 
 FaultInjector: injects the faults of a schedule, `[ROLE/]KIND[:TARGET]@STEP` joined by commas,
