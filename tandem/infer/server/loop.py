@@ -20,6 +20,7 @@ from tandem.errors import TandemError
 from tandem.infer.engine import Engine
 from tandem.infer.server.protocol import APIError
 from tandem.infer.server.recovery import NonFiniteLogits, Recovery, RecoveryPolicy
+from tandem.resilience.faults import DeviceFault
 
 
 log = logging.getLogger("tandem.serve")
@@ -152,8 +153,9 @@ class EngineLoop:
             outputs = engine.step()
         except NonFiniteLogits as exc:
             fault = ("nonfinite", str(exc))
-        except Exception as exc:
-            log.error("engine step failed:\n%s", traceback.format_exc())
+        except Exception as exc:           # an injected DeviceFault says enough in one line
+            detail = "" if isinstance(exc, DeviceFault) else "\n" + traceback.format_exc()
+            log.error("engine step failed: %s: %s%s", type(exc).__name__, exc, detail)
             fault = ("device_error", f"{type(exc).__name__}: {exc}")
         with self.lock:
             if self.generation != generation:
