@@ -112,8 +112,9 @@ def main() -> int:
     print(f"fault-free server, then one with --fault-mtbf {args.mtbf:g} ({args.requests} requests, "
           f"{args.clients} clients):", flush=True)
     results, metrics = {}, {}
-    for name, flags in (("fault-free", []), ("faults", ["--fault-mtbf", str(args.mtbf), "--fault-seed",
-                                                       str(args.fault_seed), "--step-timeout", str(args.step_timeout)])):
+    faults = ["--fault-mtbf", str(args.mtbf), "--fault-seed", str(args.fault_seed), "--step-timeout",
+              str(args.step_timeout)]
+    for name, flags in (("fault-free", []), ("faults", faults)):
         proc, url, _ = start_tandem(model, 32, args.threads, *flags)
         try:
             asyncio.run(run(url, warm, 4))                      # warm-up, not counted (faults may strike it)
@@ -151,8 +152,8 @@ def main() -> int:
         f"Model `{Path(model).name}`, {args.requests} streaming chat requests ({args.max_tokens} tokens each, "
         f"ignore_eos, request i seeded with i) through {args.clients} concurrent clients, against a fault-free "
         f"`tandem serve` and one with `--fault-mtbf {args.mtbf:g} --fault-seed {args.fault_seed} --step-timeout "
-        f"{args.step_timeout:g}`; server: {environment(args.threads)}. Latency = request sent to the end of its stream, "
-        f"over completed requests.",
+        f"{args.step_timeout:g}`; server: {environment(args.threads)}. Latency = request sent to the end of its "
+        f"stream, over completed requests.",
         table(["run", "requests", "completed", "restarted", "failed (explicit error)", "LOST", "differ",
                "latency p50 ms", "latency p99 ms"], rows),
         summary,

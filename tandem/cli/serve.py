@@ -60,7 +60,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="engine faults to inject, for tests and chaos runs: KIND@STEP,... with KIND device_error, "
                         "hang or nan (never on by default)")
     p.add_argument("--fault-mtbf", type=float, default=0.0,
-                   help="also inject random engine faults, one every this many engine steps on average (default 0: none)")
+                   help="also inject random engine faults, one every this many engine steps on average "
+                        "(default 0: none)")
     p.add_argument("--fault-seed", type=int, default=0, help="seeds the --fault-mtbf draws (default 0)")
     return p
 

@@ -167,7 +167,8 @@ def _add_status_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         error = state.unavailable()
         if error is not None:
-            status = {"model_load_failed": "failed", "engine_failed": "failed", "shutting_down": "draining"}.get(error.code, "loading")
+            status = {"model_load_failed": "failed", "engine_failed": "failed",
+                      "shutting_down": "draining"}.get(error.code, "loading")
             return JSONResponse({"status": status, **error_body(error.message, error.type, error.param, error.code)},
                                 503, headers=error.headers)
         engine_loop = state.engine_loop
