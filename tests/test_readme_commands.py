@@ -54,8 +54,8 @@ COMMANDS = [
     ("tandem sft --preset tiny --set sft.stpes=3 --out runs/x", [], {2}),
     # README "Chat with your model"
     ("tandem serve --model runs/demo", ["--port", "{port}"], {0}),         # until /health answers, then Ctrl-C
-    ("tandem serve --model runs/demo --step-timeout 2 --fault device_error@3,nan@6,hang@9", ["--port", "{port}"],
-     {0}),                                               # the faults strike the request, which still gets its answer
+    ("tandem serve --model runs/demo --step-timeout 2 --fault device_error@3,nan@6,hang@9 --request-restarts 3",
+     ["--port", "{port}"], {0}),                         # the faults strike the request, which still gets its answer
     # README "Export, gate, serve anywhere"
     ("tandem export --model runs/demo --format hf --out exports/demo-hf", [], {0}),
     ("tandem export --model runs/demo --format hf --dtype bf16 --out exports/demo-hf-bf16", [], {0}),

@@ -84,9 +84,12 @@ def test_each_engine_fault_is_survived_with_the_fault_free_answer(checkpoint, ki
         assert streamed[2:] == ("length", 10) and whole[2:] == ("length", 10)
         assert streamed != server.stream(seed=9)    # the seed matters: the comparison can fail
         detected = "nonfinite" if kind == "nan" else kind
-        assert m[f'tandem_engine_faults_by_kind_total{{kind="{detected}"}}'] == 2
-        assert (m["tandem_engine_faults_total"], m["tandem_requests_restarted_total"]) == (2, 2)
-        assert (m["tandem_engine_recoveries_total"], m["tandem_requests_failed_total"]) == (2, 0)
+        faults = m["tandem_engine_faults_total"]
+        assert m[f'tandem_engine_faults_by_kind_total{{kind="{detected}"}}'] == faults
+        # exactly the 2 injected; with a 1 s watchdog, a step of a starved process may really hang too
+        assert faults == 2 or (kind == "hang" and faults > 2)
+        assert m["tandem_requests_restarted_total"] == m["tandem_engine_recoveries_total"] == faults   # 1 request each
+        assert m["tandem_requests_failed_total"] == 0
         assert m["tandem_engine_recovery_seconds_sum"] > 0
         health = httpx.get(server.url + "/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -114,8 +114,15 @@ class EngineLoop:
                 self.steps += 1
                 self._deliver_outputs(outputs)
             self.running, self.waiting = engine.num_active, engine.num_waiting
-        self._fail(self.jobs.values(), APIError(503, f"the engine is down: {self.recovery.broken}",
-                                                 "service_unavailable", code="engine_failed"))
+        down = APIError(503, f"the engine is down: {self.recovery.broken}", "service_unavailable", code="engine_failed")
+        self._fail(self.jobs.values(), down)
+        while True:                             # and the jobs sent before the server said it is down
+            try:
+                command, job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                self._fail([job], down)
 
     def _obey(self, engine: Engine, commands: list) -> bool:
         """Add and cancel jobs; False on "stop", after ending every job with a 503."""

@@ -188,10 +188,10 @@ class Recovery:
         first: the fault may have been out-of-memory."""
         t0 = time.perf_counter()
         gc.collect()
-        device = self.model.lm_head.weight.device
-        accel.empty_cache(device)
+        accel.empty_cache(self.model.lm_head.weight.device)
         with torch.no_grad():
-            self.model.load_state_dict({name: tensor.to(device) for name, tensor in self.pristine.items()})
+            for name, tensor in self.model.state_dict().items():      # in place, one tensor at a time
+                tensor.copy_(self.pristine[name])
         engine = Engine(self.model, **self.shape)
         engine.logits_hook = self.guard
         self.rebuilds, self.rebuild_seconds = self.rebuilds + 1, self.rebuild_seconds + time.perf_counter() - t0
