@@ -161,9 +161,9 @@ class EngineLoop:
         except NonFiniteLogits as exc:
             fault = ("nonfinite", str(exc))
         except Exception as exc:           # an injected DeviceFault says enough in one line
-            detail = "" if isinstance(exc, DeviceFault) else "\n" + traceback.format_exc()
-            log.error("engine step failed: %s: %s%s", type(exc).__name__, exc, detail)
-            fault = ("device_error", f"{type(exc).__name__}: {exc}")
+            fault = ("device_error", f"{type(exc).__name__}: {exc}")    # strings only: a log record keeping
+            detail = "" if isinstance(exc, DeviceFault) else "\n" + traceback.format_exc()   # exc would pin the engine
+            log.error("engine step failed: %s%s", fault[1], detail)
         with self.lock:
             if self.generation != generation:
                 return None, None
