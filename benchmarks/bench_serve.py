@@ -112,11 +112,11 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise SystemExit(f"error: the server at {url} did not come up in {timeout:.0f} s")
 
 
-def start_tandem(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, str, str]:
+def start_tandem(model: str, max_batch: int, threads: int, *flags: str) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--name", "bench",
                              "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-                             "--max-queue", "512"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--max-queue", "512", *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/health", proc)
@@ -220,38 +220,60 @@ class Connection:
             self.reader = self.writer = None
 
 
+@dataclass
+class Reply:
+    """What one streamed chat request got back."""
+    status: int = 0
+    stamps: list[float] = field(default_factory=list)     # arrival time of each chunk carrying text
+    text: list[str] = field(default_factory=list)         # that text (reasoning or content), in order
+    usage: dict | None = None
+    finish: str | None = None
+    error: dict | None = None                             # an in-stream error event's "error"
+    done: bool = False                                    # ended with data: [DONE] and nothing after
+
+
+async def stream_chat(conn: Connection, body: dict) -> Reply:
+    """One streamed chat request, read to its end (raises OSError, EOFError or TimeoutError when
+    the connection fails, ValueError/KeyError... when the answer is not HTTP/SSE/OpenAI)."""
+    reply = Reply()
+    async with asyncio.timeout(120):
+        reply.status, pieces = await conn.post("/v1/chat/completions", body)
+        if reply.status != 200:
+            conn.close()
+            return reply
+        buffer = b""
+        async for data in pieces:                     # raw bytes, split by hand: a cheap client
+            *events, buffer = (buffer + data).replace(b"\r\n", b"\n").split(b"\n\n")
+            now = time.perf_counter()
+            for line in (line for event in events for line in event.split(b"\n")):
+                if not line or line.startswith(b":"):         # SSE comments (keep-alive pings)
+                    continue
+                if not line.startswith(b"data: "):
+                    raise ValueError(f"not an SSE data line: {line[:80]!r}")
+                if line == b"data: [DONE]":
+                    reply.done = True
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    reply.error = chunk["error"]
+                    continue
+                reply.usage = chunk.get("usage") or reply.usage
+                for choice in chunk["choices"]:
+                    delta = choice.get("delta") or {}
+                    text = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
+                    if text:
+                        reply.stamps.append(now)
+                        reply.text.append(text)
+                    reply.finish = choice.get("finish_reason") or reply.finish
+        reply.done = reply.done and not buffer.strip()
+    return reply
+
+
 async def one_request(conn: Connection, body: dict, level: Level, exact: bool) -> None:
     """One streamed chat request; records its timings, or counts it lost / malformed."""
     sent = time.perf_counter()
-    stamps: list[float] = []
-    usage, finish, done = None, None, False
     try:
-        async with asyncio.timeout(120):
-            status, pieces = await conn.post("/v1/chat/completions", body)
-            if status != 200:
-                conn.close()
-                level.lost += 1
-                return
-            buffer = b""
-            async for data in pieces:                     # raw bytes, split by hand: a cheap client
-                *events, buffer = (buffer + data).replace(b"\r\n", b"\n").split(b"\n\n")
-                now = time.perf_counter()
-                for line in (line for event in events for line in event.split(b"\n")):
-                    if not line or line.startswith(b":"):         # SSE comments (keep-alive pings)
-                        continue
-                    if not line.startswith(b"data: "):
-                        raise ValueError(f"not an SSE data line: {line[:80]!r}")
-                    if line == b"data: [DONE]":
-                        done = True
-                        continue
-                    chunk = json.loads(line[6:])
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk["choices"]:
-                        delta = choice.get("delta") or {}
-                        if delta.get("content") or delta.get("reasoning_content"):
-                            stamps.append(now)
-                        finish = choice.get("finish_reason") or finish
-            done = done and not buffer.strip()
+        reply = await stream_chat(conn, body)
     except (OSError, EOFError, TimeoutError):             # incl. a connection closed mid-response
         conn.close()
         level.lost += 1
@@ -260,9 +282,14 @@ async def one_request(conn: Connection, body: dict, level: Level, exact: bool) -
         conn.close()
         level.malformed += 1
         return
-    tokens = usage["completion_tokens"] if usage else len(stamps)
+    if reply.status != 200:
+        level.lost += 1
+        return
+    stamps = reply.stamps
+    tokens = reply.usage["completion_tokens"] if reply.usage else len(stamps)
     want = body["max_tokens"]
-    if not done or not stamps or finish != "length" or (exact and tokens != want) or tokens > want:
+    if not reply.done or reply.error or not stamps or reply.finish != "length" or (exact and tokens != want) \
+            or tokens > want:
         level.malformed += 1
         return
     level.tokens += tokens
@@ -271,15 +298,19 @@ async def one_request(conn: Connection, body: dict, level: Level, exact: bool) -
         level.itl.append((stamps[-1] - stamps[0]) / (tokens - 1))
 
 
+def bodies(model: str, requests: int, max_tokens: int, extra: dict) -> list[dict]:
+    """The load: streamed chat requests, request i seeded with i."""
+    return [{"model": model, "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True,
+             "stream_options": {"include_usage": True},
+             "messages": [{"role": "user", "content": f"What is {17 + i % 80} + {i % 9}?"}], **extra}
+            for i in range(requests)]
+
+
 async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, extra: dict,
                     exact: bool) -> Level:
     level = Level(clients, requests)
-    bodies = [{"model": model, "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True,
-               "stream_options": {"include_usage": True},
-               "messages": [{"role": "user", "content": f"What is {17 + i % 80} + {i % 9}?"}], **extra}
-              for i in range(requests)]
     queue: asyncio.Queue = asyncio.Queue()
-    for body in bodies:
+    for body in bodies(model, requests, max_tokens, extra):
         queue.put_nowait(body)
 
     async def worker(conn: Connection):

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run_all.py --dry-run       # print the commands
 
 The GRPO demo runs first: it trains runs/bench/demo (the `tiny` pipeline), the model the GRPO,
-TRL, parity and serving benchmarks start from. Run it on an otherwise idle machine: the numbers are
+TRL, parity and serving (and serving chaos) benchmarks start from. Run it on an otherwise idle machine: the numbers are
 ratios against a peer measured in the same run, but two cores shared with anything else are noisy.
 """
 
@@ -28,6 +28,7 @@ BENCHMARKS = {                      # name -> arguments of its script, in the or
     "trl": ["bench_trl.py", "--write"],
     "parity": ["bench_parity.py", "--model", DEMO, "--n", "64", "--write"],
     "serve": ["bench_serve.py", "--model", DEMO, "--write"],
+    "serve-chaos": ["bench_serve_chaos.py", "--model", DEMO, "--write"],
     "decode": ["bench_decode.py", "--repeats", "9", "--write"],
     "train": ["bench_train.py", "--repeats", "5", "--steps", "10", "--write"],
     "chaos": ["bench_chaos.py", "--write"],

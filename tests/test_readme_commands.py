@@ -55,6 +55,8 @@ COMMANDS = [
     ("tandem sft --preset tiny --set sft.stpes=3 --out runs/x", [], {2}),
     # README "Chat with your model"
     ("tandem serve --model runs/demo", ["--port", "{port}"], {0}),         # until /health answers, then Ctrl-C
+    ("tandem serve --model runs/demo --step-timeout 2 --fault device_error@3,nan@6,hang@9 --request-restarts 3",
+     ["--port", "{port}"], {0}),                         # the faults strike the request, which still gets its answer
     # README "Export, gate, serve anywhere"
     ("tandem export --model runs/demo --format hf --out exports/demo-hf", [], {0}),
     ("tandem export --model runs/demo --format hf --dtype bf16 --out exports/demo-hf-bf16", [], {0}),
@@ -145,6 +147,9 @@ def _run(workdir: Path, command: str, extra: list[str]) -> subprocess.CompletedP
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                                json={"model": "demo", "messages": [{"role": "user", "content": "What is 12 + 7?"}]})
             assert reply.status_code == 200, reply.text
+            if "--fault" in command:        # the injected faults struck and were recovered from
+                faults = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                assert "tandem_engine_faults_total 0.0" not in faults and reply.json()["choices"][0]["finish_reason"]
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
         finally:

@@ -11,7 +11,10 @@ Ctrl-C or SIGTERM drains: new requests get 503 with Retry-After, in-flight ones 
 (an error event on a stream), and the command exits 0. API keys: --api-key (repeatable), else
 TANDEM_API_KEY (one key, or several separated by commas); with keys, every /v1/ route answers 401
 without `Authorization: Bearer <key>`; /health, /metrics and the chat page stay open. Without a
-key, listening on anything but loopback prints a warning. See tandem/infer/server/ for the API.
+key, listening on anything but loopback prints a warning. Engine faults (an engine step that
+raises, returns NaN logits or outlasts --step-timeout) rebuild the engine and restart its requests,
+at most --request-restarts times each; --fault and --fault-mtbf inject such faults (recovery.py).
+See tandem/infer/server/ for the API.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/ (repeatable; default: $TANDEM_API_KEY, "
                         "comma-separated)")
+    p.add_argument("--step-timeout", type=float, default=300.0,
+                   help="seconds an engine step may run before it counts as hung and the engine is rebuilt "
+                        "(default 300)")
+    p.add_argument("--request-restarts", type=int, default=2,
+                   help="times a request is restarted after engine faults before it ends with an error (default 2)")
+    p.add_argument("--fault", default="",
+                   help="engine faults to inject, for tests and chaos runs: KIND@STEP,... with KIND device_error, "
+                        "hang or nan (never on by default)")
+    p.add_argument("--fault-mtbf", type=float, default=0.0,
+                   help="also inject random engine faults, one every this many engine steps on average "
+                        "(default 0: none)")
+    p.add_argument("--fault-seed", type=int, default=0, help="seeds the --fault-mtbf draws (default 0)")
     return p
 
 
@@ -108,6 +123,10 @@ def cmd_serve(args) -> int:
         raise TandemError(f"--port must be between 0 and 65535, got {args.port}")
     if not args.drain_timeout > 0:
         raise TandemError(f"--drain-timeout must be > 0 seconds, got {args.drain_timeout}")
+    if not args.step_timeout > 0:
+        raise TandemError(f"--step-timeout must be > 0 seconds, got {args.step_timeout}")
+    if args.request_restarts < 0:
+        raise TandemError(f"--request-restarts must be >= 0, got {args.request_restarts}")
     api_keys = _api_keys(args.api_keys)
     model = Path(args.model)
     if not model.exists():
@@ -121,7 +140,10 @@ def cmd_serve(args) -> int:
         from tandem.infer.server import ServeConfig, create_app, uvicorn_server
     except ImportError as exc:
         raise TandemError(f"tandem serve needs {exc.name}: pip install 'tandem[serve]'") from None
+    from tandem.infer.server.recovery import EngineFaults
     from tandem.loading import load_model
+
+    EngineFaults.parse(args.fault, args.fault_mtbf, args.fault_seed)     # a bad spec: one line now, exit 2
 
     accel.set_threads(args.threads)
     logger = logging.getLogger("tandem.serve")
@@ -129,7 +151,9 @@ def cmd_serve(args) -> int:
     logger.addHandler(logging.StreamHandler())
     name = args.name or model.resolve().name
     config = ServeConfig(name=name, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
-                         max_body_bytes=args.max_body_bytes, seed=args.seed, api_keys=api_keys)
+                         max_body_bytes=args.max_body_bytes, seed=args.seed, api_keys=api_keys,
+                         step_timeout=args.step_timeout, max_restarts=args.request_restarts, faults=args.fault,
+                         fault_mtbf=args.fault_mtbf, fault_seed=args.fault_seed)
     failed: list[Exception] = []
 
     def on_load_error(exc: Exception) -> None:

@@ -77,7 +77,9 @@ model's dtype; pass a `max_len` that fits your prompts + completions. Without on
 the device can still allocate after the weights (accel.free_memory; available RAM on the cpu), as
 vLLM's gpu_memory_utilization does, and logs its choice (`engine.max_len`, `engine.cache_bytes`,
 `engine.max_len_source`). A Qwen2.5-0.5B (32k context) at max_batch 64 would otherwise need 24 GiB.
-The engine is not thread-safe: drive add/step/cancel from one thread.
+The engine is not thread-safe: drive add/step/cancel from one thread. `logits_hook`, when set,
+sees every step's logits [rows, V] before sampling and returns them (or raises, which requeues
+what the step admitted): the server injects engine faults and checks for non-finite logits there.
 """
 
 from __future__ import annotations
@@ -309,6 +311,7 @@ class Engine:
                 raise RequestError(f"capture_decode: {reason}; build the Engine with capture_decode=False")
             from tandem.infer.decode_graph import DecodeGraphs
             self._graphs = DecodeGraphs(self)
+        self.logits_hook = None    # called with each step's logits before sampling; may raise (server/recovery.py)
         self.refresh_weights()
 
     def _position_bytes(self, max_batch: int) -> int:
@@ -503,6 +506,8 @@ class Engine:
                     parts.append(self._prefill(self._slots[start:stop], start))
                     start = stop
                 logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if self.logits_hook is not None:
+                    logits = self.logits_hook(logits)
                 tokens, lps, tops = self._sample(logits, total)
             except BaseException:             # e.g. out of memory: requeue what was just admitted
                 for s in range(total - 1, n - 1, -1):

@@ -4,7 +4,9 @@ trainer calls in.
     tandem sft --preset smoke --out runs/x --supervise --set resilience.faults="kill@7,nan@12"
     tandem chaos --preset smoke --out runs/chaos --faults kill@7,hang@12,bitflip:grad@15
 
-Both trainers (train/sft.py, train/grpo.py) call the same hooks (and use resilience/guard.py,
+The server's engine faults (`tandem serve --fault hang@30 --fault-mtbf 200`) use this syntax and
+parser with their own kinds (infer/server/recovery.py). Both trainers (train/sft.py,
+train/grpo.py) call the same hooks (and use resilience/guard.py,
 resilience/replicas.py and resilience/incidents.py for what the faults do to them).
 
 FaultInjector: injects the faults of a schedule, `[ROLE/]KIND[:TARGET]@STEP` joined by commas,
@@ -46,13 +48,14 @@ random.Random and never touches the training RNG streams.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -99,39 +102,49 @@ class Fault:
         return f"{self.role}/{self.kind}{':' + self.target if self.target else ''}@{self.step}"
 
 
-def parse_fault(text: str, key: str = "resilience.faults") -> Fault:
+def parse_fault(text: str, key: str = "resilience.faults", kinds: dict | None = None,
+                default_role: str = "trainer") -> Fault:
+    """One `[ROLE/]KIND[:TARGET]@STEP`; `kinds` (kind -> targets, the first the default) is the
+    vocabulary: the trainer's KINDS unless given (the server passes its engine faults)."""
+    kinds = KINDS if kinds is None else kinds
     spec, at, step = text.strip().partition("@")
     role, _, kind_target = spec.rpartition("/")
     kind, _, target = kind_target.partition(":")
     usage = ("write [ROLE/]KIND[:TARGET]@STEP, e.g. kill@37 or bitflip:weight@80; kinds: "
              + ", ".join(f"{k}[:{'|'.join(t for t in targets if t)}]" if any(targets) else k
-                         for k, targets in KINDS.items()))
+                         for k, targets in kinds.items()))
     if not at or not step.strip().isdigit():
         raise ConfigError(f"bad fault '{text.strip()}' in {key}; {usage}")
-    if kind not in KINDS or (target or KINDS[kind][0]) not in KINDS[kind]:
+    if kind not in kinds or (target or kinds[kind][0]) not in kinds[kind]:
         raise ConfigError(f"unknown fault '{text.strip()}' in {key}; {usage}")
     if role and not (role.rstrip("0123456789").isalpha() and role.islower()):
         raise ConfigError(f"bad role '{role}' in fault '{text.strip()}'; roles look like trainer, rollout, rollout1")
-    return Fault(kind, int(step), target or KINDS[kind][0], role or "trainer")
+    return Fault(kind, int(step), target or kinds[kind][0], role or default_role)
 
 
-def parse_schedule(text: str, key: str = "resilience.faults") -> list[Fault]:
+def parse_schedule(text: str, key: str = "resilience.faults", kinds: dict | None = None,
+                   default_role: str = "trainer") -> list[Fault]:
     """"kill@37,hang@50,nan@60" -> faults in step order (empty text: none); `key` names the config
-    key in error messages."""
-    faults = [parse_fault(part, key) for part in text.split(",") if part.strip()]
+    key in error messages, `kinds` and `default_role` are parse_fault's."""
+    faults = [parse_fault(part, key, kinds, default_role) for part in text.split(",") if part.strip()]
     return sorted(set(faults), key=lambda f: (f.step, f.key))
 
 
-def mtbf_schedule(mtbf: float, seed: int, steps: int, kinds: Iterable[str]) -> list[Fault]:
-    """Random faults with exponential gaps of mean `mtbf` steps over steps 1..steps-1, reproducible
-    from `seed`; each is one of `kinds` (fault specs without @STEP, e.g. "kill", "bitflip:grad")."""
+def mtbf_faults(mtbf: float, seed: int, kinds: Iterable[str], vocabulary: dict | None = None,
+                default_role: str = "trainer") -> Iterator[Fault]:
+    """Random faults with exponential gaps of mean `mtbf` steps, in step order and without end,
+    reproducible from `seed`; each is one of `kinds` (fault specs without @STEP, e.g. "kill",
+    "bitflip:grad"), parsed against `vocabulary` (parse_fault's `kinds`)."""
     kinds = list(kinds)
-    rng, faults, step = random.Random(f"mtbf/{seed}"), [], 0
+    rng, step = random.Random(f"mtbf/{seed}"), 0
     while mtbf > 0 and kinds:
         step += max(1, round(rng.expovariate(1.0 / mtbf)))
-        if step >= steps:
-            break
-        faults.append(parse_fault(f"{rng.choice(kinds)}@{step}"))
+        yield parse_fault(f"{rng.choice(kinds)}@{step}", kinds=vocabulary, default_role=default_role)
+
+
+def mtbf_schedule(mtbf: float, seed: int, steps: int, kinds: Iterable[str]) -> list[Fault]:
+    """mtbf_faults over steps 1..steps-1, as a list."""
+    faults = list(itertools.takewhile(lambda f: f.step < steps, mtbf_faults(mtbf, seed, kinds)))
     return sorted(set(faults), key=lambda f: (f.step, f.key))
 
 

@@ -15,8 +15,9 @@ longer than the context, 401 a /v1/ request without a configured API key (ServeC
 code invalid_api_key), 404/405 wrong route, 413 body over max_body_bytes, 429 full, 503 while
 the model loads or the server stops (requests still running when a shutdown's grace period ends
 get it too, as JSON or as a stream's error event before `data: [DONE]`: see drain), 500 only if
-generation itself fails. /health answers {"status": ...}: ok or degraded (the engine thread is
-recovering from a failed step) with 200; loading, draining or failed with 503 and the error.
+generation itself fails or an engine fault could not be recovered (code engine_fault). /health
+answers {"status": ...}: ok or degraded (an engine is being rebuilt after a fault) with 200;
+loading, draining or failed with 503 and the error.
 
 How a request flows. The handler (asyncio) validates the body, renders the ChatML prompt, and
 turns each of the `n` choices into a `Job`. ONE background thread owns the engine: it takes jobs
@@ -45,14 +46,18 @@ logprobs list the same tokens, so len(logprobs.content) == completion_tokens. Lo
 engine's: log-softmax of the raw logits (temperature 1, before top-k/top-p), not of the
 distribution actually sampled from. With `n` > 1 and a seed, choice i uses seed + i.
 
-Simplifications, stated: if `engine.step()` itself raises (a bug, out of memory), every request
-running in that step ends with a 500-style error, because the engine cannot say which one caused
-it; the loop carries on with new requests. Unsupported parameters that would change the output
+Engine faults (recovery.py). A step that raises, yields non-finite logits or outlasts
+--step-timeout is a fault: the engine is rebuilt and the requests it held restart from their
+prompt with their seeds, the tokens a client already has are swallowed as they are replayed, so
+a client sees the fault-free answer, only later; past --request-restarts a request ends with a
+500 engine_fault (JSON, or a stream's error event). --fault and --fault-mtbf inject them.
+
+Simplifications, stated: Unsupported parameters that would change the output
 (penalties, logit_bias, tools, echo, suffix) are refused with 400 rather than ignored; other
 unknown fields are ignored. One model per server.
 
 The modules: protocol (request bodies, OpenAI's error shape), text (detokenizing, stop strings,
-the reasoning split), loop (the engine thread, graceful stop), run (one request: its choices,
+the reasoning split), loop (the engine thread, graceful stop), recovery (engine faults), run (one request: its choices,
 JSON or server-sent events), metrics (Prometheus), app (create_app: loading, routes, limits).
 """
 

@@ -23,6 +23,7 @@ from tandem.infer.server.loop import EngineLoop
 from tandem.infer.server.metrics import Metrics
 from tandem.infer.server.protocol import (APIError, ChatRequest, CompletionRequest, _check_unsupported, _Sampling,
                                           _stops, error_body, install_error_handlers)
+from tandem.infer.server.recovery import EngineFaults, RecoveryPolicy
 from tandem.infer.server.run import EventStream, Run
 from tandem.infer.server.text import TokenInfo
 
@@ -39,6 +40,11 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20    # larger request bodies get 413
     seed: int = 0
     api_keys: tuple[str, ...] = ()   # when set, every /v1/ route wants `Authorization: Bearer <one of them>`
+    step_timeout: float | None = 300.0   # an engine step running longer is a hang; None: no watchdog
+    max_restarts: int = 2            # restarts of a request after engine faults before it ends with an error
+    faults: str = ""                 # engine faults to inject (recovery.py), e.g. "hang@30"; never by default
+    fault_mtbf: float = 0.0          # random engine faults every that many steps on average (0: none)
+    fault_seed: int = 0
 
 
 class ServerState:
@@ -64,6 +70,9 @@ class ServerState:
         if self.closing:
             return APIError(503, "the server is shutting down; retry on another replica or once it is back",
                             "service_unavailable", code="shutting_down", headers={"retry-after": "5"})
+        if self.engine_loop is not None and self.engine_loop.recovery.broken:
+            return APIError(503, f"the engine is down: {self.engine_loop.recovery.broken}", "service_unavailable",
+                            code="engine_failed")
         if self.engine_loop is None:
             return APIError(503, "the model is still loading; retry in a few seconds", "service_unavailable",
                             code="model_loading", headers={"retry-after": "2"})
@@ -93,7 +102,9 @@ class ServerState:
                 log.info("context %d of the model's %d tokens (raise it with --max-len)", max_len, ctx)
             engine = Engine(loaded.model, max_batch=config.max_batch, max_len=max_len, seed=config.seed)
             self.tokenizer, self.token_info, self.max_len = loaded.tokenizer, TokenInfo(loaded.tokenizer), max_len
-            engine_loop = EngineLoop(engine)
+            engine_loop = EngineLoop(engine, RecoveryPolicy(
+                config.step_timeout, config.max_restarts,
+                EngineFaults.parse(config.faults, config.fault_mtbf, config.fault_seed)))
             engine_loop.start()
             self.engine_loop = engine_loop          # last: this makes the server ready
             log.info("model %s ready (context %d, max batch %d)", config.name, max_len, config.max_batch)
@@ -107,8 +118,8 @@ class ServerState:
     def live(self) -> tuple[dict[str, tuple[str, float]], int]:
         """The gauges of /metrics, read when it is scraped, and the engine's step count."""
         engine_loop = self.engine_loop
-        gauges = {"degraded": ("1 while the engine thread recovers from a failed step.",
-                               int(bool(engine_loop and engine_loop.recovering))),
+        gauges = {"degraded": ("1 while the engine is rebuilt after a fault.",
+                               int(bool(engine_loop and engine_loop.recovery.recovering))),
                   "requests_inflight": ("Admitted sequences not finished yet.", self.inflight),
                   "requests_running": ("Sequences holding an engine slot.", engine_loop.running if engine_loop else 0),
                   "queue_depth": ("Admitted sequences waiting for an engine slot.",
@@ -156,11 +167,12 @@ def _add_status_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         error = state.unavailable()
         if error is not None:
-            status = {"model_load_failed": "failed", "shutting_down": "draining"}.get(error.code, "loading")
+            status = {"model_load_failed": "failed", "engine_failed": "failed",
+                      "shutting_down": "draining"}.get(error.code, "loading")
             return JSONResponse({"status": status, **error_body(error.message, error.type, error.param, error.code)},
                                 503, headers=error.headers)
         engine_loop = state.engine_loop
-        return {"status": "degraded" if engine_loop.recovering else "ok", "model": config.name,
+        return {"status": "degraded" if engine_loop.recovery.recovering else "ok", "model": config.name,
                 "running": engine_loop.running, "waiting": engine_loop.waiting, "inflight": state.inflight}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

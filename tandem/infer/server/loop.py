@@ -1,12 +1,11 @@
-"""The engine thread (`EngineLoop`): the one thread that runs `engine.step()`, rebuilding the
-engine when a failed step leaves it broken (and counting those faults for /metrics and /health),
+"""The engine thread (`EngineLoop`): the one thread that runs `engine.step()`, with a watchdog on
+its steps and recovery from engine faults (recovery.py: a fresh engine, the requests restarted),
 and the server's graceful stop (`drain`, `uvicorn_server`: on Ctrl-C or SIGTERM) that ends the
 requests it still runs."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import queue
 import signal
@@ -17,10 +16,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from tandem import accel
 from tandem.errors import TandemError
 from tandem.infer.engine import Engine
 from tandem.infer.server.protocol import APIError
+from tandem.infer.server.recovery import NonFiniteLogits, Recovery, RecoveryPolicy
+from tandem.resilience.faults import DeviceFault
 
 
 log = logging.getLogger("tandem.serve")
@@ -28,12 +28,15 @@ log = logging.getLogger("tandem.serve")
 
 class Job:
     """One sequence (one choice of one HTTP request), shared by the event loop and the engine thread."""
-    __slots__ = ("prompt", "params", "index", "run", "loop", "state", "rid", "done")
+    __slots__ = ("prompt", "params", "index", "run", "loop", "state", "rid", "done", "sent", "skip", "restarts")
 
     def __init__(self, prompt, params, index, run, loop, state):
         self.prompt, self.params, self.index = prompt, params, index
         self.run, self.loop, self.state = run, loop, state
-        self.rid: int | None = None      # the engine's request id (engine thread only)
+        self.rid: int | None = None      # the engine's request id (engine thread only, as the three below)
+        self.sent: list[int] = []        # tokens handed to the event loop
+        self.skip = 0                    # after a restart: replayed tokens still to swallow
+        self.restarts = 0
         self.done = False                # finished, failed or cancelled (event loop only)
 
     def release(self) -> None:
@@ -44,21 +47,31 @@ class Job:
 
 
 class EngineLoop:
-    """The one thread that drives `engine.step()`; everything else talks to it through `inbox`."""
+    """The thread that drives `engine.step()`; everything else talks to it through `inbox`.
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    A step that raises or yields non-finite logits, or that outlasts policy.step_timeout (the
+    watchdog thread notices), is a fault: the engine is rebuilt and its requests restarted
+    (recovery.py). A hung step's thread is abandoned: `generation` moves on, a new thread takes
+    over, and the old one, should its step ever return, drops what it computed and ends."""
+
+    def __init__(self, engine: Engine, policy: RecoveryPolicy | None = None):
+        self.engine: Engine | None = engine
+        self.recovery = Recovery(engine, policy or RecoveryPolicy())
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: dict[int, Job] = {}           # by engine request id (the owning thread only)
         self.running = self.waiting = 0          # snapshots for /metrics and /health
         self.steps = 0
         self.sequence_steps = 0                  # sequences advanced, summed over steps: / steps = mean batch
-        self.faults = self.failed = 0            # failed steps, and the sequences they ended
-        self.rebuilds, self.rebuild_seconds = 0, 0.0     # engines rebuilt, and the seconds that took
-        self.recovering = False                  # between a failed step and the loop being able to serve again
-        self.thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self.lock = threading.Lock()             # guards generation and step_started
+        self.generation = 0                      # which thread owns the engine
+        self.step_started: float | None = None   # monotonic time the current step began
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, args=(0,), name="tandem-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+        if self.recovery.policy.step_timeout:
+            threading.Thread(target=self._watchdog, name="tandem-watchdog", daemon=True).start()
 
     def submit(self, job: Job) -> None:
         self.inbox.put(("add", job))
@@ -75,9 +88,10 @@ class EngineLoop:
         self.halt()
         self.thread.join(timeout)
 
-    def _run(self) -> None:
-        jobs: dict[int, Job] = {}
-        while True:
+    def _run(self, generation: int, hung: float | None = None) -> None:
+        if hung is not None:
+            self._recover("hang", f"an engine step ran longer than {hung:g} s")
+        while self.engine is not None:
             engine = self.engine
             try:
                 commands = [self.inbox.get(block=not engine.has_work())]
@@ -88,69 +102,142 @@ class EngineLoop:
                     commands.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            for command, job in commands:
-                if command == "stop":
-                    self._fail(jobs.values(), APIError(503, "the server is shutting down", "service_unavailable",
-                                                       code="shutting_down"))
-                    self._drop(jobs)
-                    return
-                if command == "add":
-                    try:
-                        job.rid = engine.add(job.prompt, job.params)
-                        jobs[job.rid] = job
-                    except Exception as exc:        # validated earlier; still, never kill the loop
-                        self._fail([job], _as_api_error(exc))
-                elif job.rid is not None and jobs.pop(job.rid, None) is not None:
-                    engine.cancel(job.rid)
+            if not self._obey(engine, commands):
+                return
             if engine.has_work():
-                failure = None
-                try:
-                    outputs = engine.step()
-                except Exception as exc:
-                    log.error("engine step failed; ending the %d requests in it:\n%s", len(jobs),
-                              traceback.format_exc())
-                    failure, outputs = APIError(500, f"generation failed: {exc}", "server_error"), []
-                if failure is not None:  # outside the except: its traceback no longer pins the step's tensors
-                    engine = None        # nor does this frame pin the engine, should _drop rebuild it
-                    self.faults, self.failed, self.recovering = self.faults + 1, self.failed + len(jobs), True
-                    self._fail(jobs.values(), failure)
-                    self._drop(jobs)
-                    self.recovering = False
+                outputs, fault = self._step(engine, generation)
+                if outputs is None:
+                    return                          # abandoned while hung: a newer thread owns the jobs
+                if fault is not None:               # (a failed step's traceback is gone by now)
+                    engine = None                   # this frame must not pin the old engine
+                    self._recover(*fault)
+                    continue
                 self.steps += 1
                 self.sequence_steps += len({out.request_id for out in outputs})
-                now = time.perf_counter()
-                batch = []
-                for out in outputs:
-                    job = jobs.pop(out.request_id) if out.finished else jobs.get(out.request_id)
-                    if job is not None:
-                        batch.append((job, (out, now)))
-                self._deliver(batch)
-            self.running, self.waiting = self.engine.num_active, self.engine.num_waiting
+                self._deliver_outputs(outputs)
+            self.running, self.waiting = engine.num_active, engine.num_waiting
+        down = APIError(503, f"the engine is down: {self.recovery.broken}", "service_unavailable", code="engine_failed")
+        self._fail(self.jobs.values(), down)
+        while True:                             # and the jobs sent before the server said it is down
+            try:
+                command, job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                self._fail([job], down)
 
-    def _drop(self, jobs: dict[int, Job]) -> None:
-        """Cancel every job in the engine; if even that fails, start over with a fresh engine."""
+    def _obey(self, engine: Engine, commands: list) -> bool:
+        """Add and cancel jobs; False on "stop", after ending every job with a 503."""
+        for command, job in commands:
+            if command == "stop":
+                self.stopped = True
+                self._fail(self.jobs.values(), APIError(503, "the server is shutting down", "service_unavailable",
+                                                        code="shutting_down"))
+                try:
+                    for rid in self.jobs:
+                        engine.cancel(rid)
+                except Exception:                   # a faulted engine; it is going away anyway
+                    pass
+                self.jobs.clear()
+                return False
+            if command == "add":
+                try:
+                    self.recovery.fix_seed(job)
+                    job.rid = engine.add(job.prompt, job.params)
+                    self.jobs[job.rid] = job
+                except Exception as exc:        # validated earlier; still, never kill the loop
+                    self._fail([job], _as_api_error(exc))
+            elif job.rid is not None and self.jobs.get(job.rid) is job:
+                del self.jobs[job.rid]
+                engine.cancel(job.rid)
+        return True
+
+    def _step(self, engine: Engine, generation: int) -> tuple[list | None, tuple[str, str] | None]:
+        """One step under the watchdog: (outputs, None), ([], (fault kind, reason)), or (None, None)
+        when the watchdog abandoned this thread meanwhile."""
+        with self.lock:
+            self.step_started = time.monotonic()
+        outputs, fault = [], None
         try:
-            for rid in jobs:
-                self.engine.cancel(rid)
-            broken = False
-        except Exception:
-            log.error("cancelling after a failed step failed too; rebuilding the engine:\n%s", traceback.format_exc())
-            broken = True
-        jobs.clear()
-        if broken:  # outside the except, whose traceback would keep the old engine alive
-            t0 = time.perf_counter()
-            self._rebuild()
-            self.rebuilds, self.rebuild_seconds = self.rebuilds + 1, self.rebuild_seconds + time.perf_counter() - t0
+            outputs = engine.step()
+        except NonFiniteLogits as exc:
+            fault = ("nonfinite", str(exc))
+        except Exception as exc:           # an injected DeviceFault says enough in one line
+            fault = ("device_error", f"{type(exc).__name__}: {exc}")    # strings only: a log record keeping
+            detail = "" if isinstance(exc, DeviceFault) else "\n" + traceback.format_exc()   # exc would pin the engine
+            log.error("engine step failed: %s%s", fault[1], detail)
+        with self.lock:
+            if self.generation != generation:
+                return None, None
+            self.step_started = None
+        return outputs, fault
 
-    def _rebuild(self) -> None:
-        """Replace the engine by a fresh one of the same shape, freeing the old KV cache first (the
-        failure was typically out-of-memory): no reference may survive, then the allocator lets go."""
-        e = self.engine
-        model, shape = e.model, dict(max_batch=e.max_batch, max_len=e.max_len, seed=e.seed)
-        self.engine = e = None
-        gc.collect()
-        accel.empty_cache(model.lm_head.weight.device)
-        self.engine = Engine(model, **shape)
+    def _deliver_outputs(self, outputs) -> None:
+        """Hand a step's tokens over, swallowing the replayed ones a restarted client already has."""
+        now = time.perf_counter()
+        batch = []
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:
+                continue
+            if out.finished:
+                del self.jobs[out.request_id]
+            replayed = self.recovery.replay(job, out.token_id)
+            if isinstance(replayed, APIError):
+                if not out.finished:
+                    del self.jobs[out.request_id]
+                    self.engine.cancel(out.request_id)
+                batch.append((job, replayed))
+            elif not replayed:
+                job.sent.append(out.token_id)
+                batch.append((job, (out, now)))
+        self._deliver(batch)
+
+    def _recover(self, kind: str, reason: str) -> None:
+        """After a fault: a fresh engine, and every job restarted on it (or ended, past its limit)."""
+        recovery = self.recovery
+        recovery.recovering = True
+        recovery.faults, recovery.kinds[kind] = recovery.faults + 1, recovery.kinds[kind] + 1
+        jobs = list(self.jobs.values())
+        log.error("engine fault (%s): %s; rebuilding the engine and restarting its %d sequence(s)",
+                  kind, reason, len(jobs))
+        self.jobs.clear()
+        self.engine = None
+        try:
+            engine = self.engine = recovery.rebuild()
+        except Exception as exc:
+            recovery.broken = f"rebuilding it after a fault failed: {type(exc).__name__}: {exc}"
+            log.error("%s\n%s", recovery.broken, traceback.format_exc())
+            recovery.failed += len(jobs)
+            self.jobs = {i: job for i, job in enumerate(jobs)}
+            return
+        failed = []
+        for job in jobs:
+            error = recovery.restart(job, engine, reason)
+            if error is None:
+                self.jobs[job.rid] = job
+            else:
+                failed.append((job, error))
+        self._deliver(failed)
+        recovery.recovering = False
+
+    def _watchdog(self) -> None:
+        """Declare a step that outlasts step_timeout hung: abandon its thread, start a new one."""
+        timeout = self.recovery.policy.step_timeout
+        while not self.stopped:
+            time.sleep(min(0.1, timeout / 10))
+            with self.lock:
+                started = self.step_started
+                if started is None or time.monotonic() - started <= timeout:
+                    continue
+                self.generation += 1
+                self.step_started = None
+                self.recovery.recovering = True
+                generation = self.generation
+            self.thread = threading.Thread(target=self._run, args=(generation, timeout), name="tandem-engine",
+                                           daemon=True)
+            self.thread.start()
+            self.recovery.release_hangs()
 
     def _fail(self, jobs, error: APIError) -> None:
         self._deliver([(job, error) for job in jobs])

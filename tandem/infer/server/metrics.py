@@ -2,8 +2,9 @@
 
 Counters of tokens and of ended or refused sequences, HTTP responses by path and status, two
 latency histograms (time to first token, time between tokens), and values read when scraped
-(`live`: the admission count and the engine thread's snapshots and fault counts: failed steps,
-the sequences they failed, engine rebuilds and the seconds those took, as a summary). Each app has its own registry,
+(`live`: the admission count, the engine thread's snapshots, and recovery.py's fault counts:
+faults by kind, sequences restarted and failed, engine rebuilds and the seconds those took, as a
+summary). Each app has its own registry,
 not prometheus_client's global one, so several apps can live in one process (the tests do).
 prometheus_client also writes a `<counter>_created` sample (the counter's start time) beside each
 `<counter>_total`, as every Prometheus client library does.
@@ -56,16 +57,27 @@ class _LiveCollector:
 
     def collect(self):
         gauges, engine_loop = self.live()
-        counts = engine_loop or _NoEngine
-        yield CounterMetricFamily("tandem_engine_steps_total", "Engine decode steps run.", value=counts.steps)
+        counts = engine_loop.recovery if engine_loop is not None else _NoEngine
+        yield CounterMetricFamily("tandem_engine_steps_total", "Engine decode steps run.",
+                                  value=engine_loop.steps if engine_loop is not None else 0)
         yield CounterMetricFamily("tandem_engine_sequence_steps_total",
                                   "Sequences advanced by engine steps, summed over steps (/ steps: the mean batch).",
-                                  value=counts.sequence_steps)
-        yield CounterMetricFamily("tandem_engine_faults_total", "Engine steps that raised.", value=counts.faults)
-        yield CounterMetricFamily("tandem_requests_failed_total", "Sequences ended by a failed engine step.",
+                                  value=engine_loop.sequence_steps if engine_loop is not None else 0)
+        yield CounterMetricFamily("tandem_engine_faults_total", "Engine faults detected (all kinds).",
+                                  value=counts.faults)
+        by_kind = CounterMetricFamily("tandem_engine_faults_by_kind", "Engine faults detected: device_error (the "
+                                      "step raised), hang (it outlasted --step-timeout), nonfinite (NaN/inf logits).",
+                                      labels=("kind",))
+        for kind, value in counts.kinds.items():
+            by_kind.add_metric((kind,), value)
+        yield by_kind
+        yield CounterMetricFamily("tandem_requests_restarted_total",
+                                  "Sequences restarted from their prompt on a fresh engine after a fault.",
+                                  value=counts.restarted)
+        yield CounterMetricFamily("tandem_requests_failed_total", "Sequences ended with an error by engine faults.",
                                   value=counts.failed)
-        yield CounterMetricFamily("tandem_engine_recoveries_total",
-                                  "Engines rebuilt after a failed step left them broken.", value=counts.rebuilds)
+        yield CounterMetricFamily("tandem_engine_recoveries_total", "Engines rebuilt after a fault.",
+                                  value=counts.rebuilds)
         yield SummaryMetricFamily("tandem_engine_recovery_seconds", "Time taken by the engine rebuilds.",
                                   count_value=counts.rebuilds, sum_value=counts.rebuild_seconds)
         for name, (help, value) in gauges.items():
@@ -73,6 +85,7 @@ class _LiveCollector:
 
 
 class _NoEngine:
-    """The engine thread's counts before the model has loaded."""
-    steps = sequence_steps = faults = failed = rebuilds = 0
+    """The fault counts before the model has loaded."""
+    faults = restarted = failed = rebuilds = 0
+    kinds = {"device_error": 0, "hang": 0, "nonfinite": 0}
     rebuild_seconds = 0.0
