@@ -314,11 +314,11 @@ class SFTTrainer:
         first = step * s.batch_size * s.grad_accum
         examples = [[example_for(self.tasks, first + m * s.batch_size + j) for j in range(s.batch_size)]
                     for m in range(s.grad_accum)]
-        micro = [make_batch(chunk, self.tokenizer, s.max_seq_len, self.device, s.packing) for chunk in examples]
-        n_targets = sum(b.targets for b in micro)   # over the whole global batch
-        mine = micro if self.ranks is None else [   # this rank's examples of each micro-batch
-            make_batch(self.ranks.local_rows(chunk), self.tokenizer, s.max_seq_len, self.device, s.packing)
-            for chunk in examples]
+        mine = [make_batch(self.ranks.local_rows(chunk) if self.ranks else chunk, self.tokenizer, s.max_seq_len,
+                           self.device, s.packing) for chunk in examples]   # this rank's share of each micro-batch
+        n_targets, n_tokens = sum(b.targets for b in mine), sum(b.tokens for b in mine)
+        if self.ranks is not None:   # over the whole global batch: every rank's counts
+            n_targets, n_tokens = int(self.ranks.sum(n_targets)), int(self.ranks.sum(n_tokens))
         losses = [0.0] * len(models)
 
         def compute(i: int) -> None:
@@ -340,7 +340,7 @@ class SFTTrainer:
         if grad_norm is None:
             return False
         detector.remember_weights(step + 1, models, self.optimizers)
-        self.record(step + 1, losses[0], lr, grad_norm, sum(b.tokens for b in micro), accel.timer(self.device) - t0)
+        self.record(step + 1, losses[0], lr, grad_norm, n_tokens, accel.timer(self.device) - t0)
         return True
 
     def apply(self, step: int, loss: float) -> float | None:
