@@ -6,7 +6,7 @@ Everything else asks this module for a device, a dtype, a distributed backend or
     resolve_device("cuda:1")     -> torch.device("cuda", 1), or DeviceError listing what exists
     supported_dtypes(device)     -> ["fp32", "bf16", "fp16"] (what this device can compute in)
     resolve_dtype("bf16", dev)   -> torch.bfloat16, or DeviceError
-    train_dtype("auto", dev)     -> "bf16" where bf16 matmuls are fast (fast_bf16), else "fp32"
+    choose_dtype("auto", dev)    -> "bf16" where bf16 matmuls are fast (fast_bf16), else "fp32"
     fast_bf16(dev)               -> bf16 units here? (CUDA/NPU/XPU: yes if supported; CPU: AMX,
                                  AVX512-BF16 or Arm BF16 in /proc/cpuinfo; without them bf16 is emulated)
     dist_backend(device)         -> "gloo" | "nccl" | "hccl" | "xccl"
@@ -153,7 +153,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         raise DeviceError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
     if name not in supported_dtypes(device):
         raise DeviceError(f"device '{device}' cannot compute in {name}; it supports "
-                          f"{', '.join(supported_dtypes(device))} (choose one of those, or auto for a trainer)")
+                          f"{', '.join(supported_dtypes(device))} (choose one of those, or auto)")
     return DTYPES[name]
 
 
@@ -198,9 +198,10 @@ def fast_bf16(device: torch.device | str) -> bool:
     return device.type in ("npu", "xpu")     # mps: bf16 is partial there, fp32 stays the choice
 
 
-def train_dtype(name: str, device: torch.device | str) -> str:
-    """A trainer's dtype name: "auto" becomes bf16 where it is fast (fast_bf16) and fp32 elsewhere;
-    any other name must be one the device can compute in (DeviceError otherwise)."""
+def choose_dtype(name: str, device: torch.device | str) -> str:
+    """A role's dtype name (trainer or rollout worker): "auto" becomes bf16 where it is fast
+    (fast_bf16) and fp32 elsewhere, so a preset never picks a dtype the CPU only emulates; any other
+    name must be one the device can compute in (DeviceError otherwise)."""
     if name == "auto":
         return "bf16" if fast_bf16(device) else "fp32"
     resolve_dtype(name, device)

@@ -122,7 +122,7 @@ class RolloutConfig:
     """Rollout workers (tandem/train/rollout.py): the inference role, on its own device and dtype."""
     workers: int = 1               # rollout worker processes (0 = colocated: the trainer generates itself)
     device: str = ""               # rollout device ("" = run.device), e.g. an Ascend device next to an NVIDIA trainer
-    dtype: str = "fp32"            # rollout compute dtype: fp32 | bf16 | fp16
+    dtype: str = "fp32"            # rollout compute dtype: auto (bf16 where fast, else fp32) | fp32 | bf16 | fp16
     threads: int = 1               # torch threads per worker process
     max_batch: int = 64            # engine KV-cache slots per worker (concurrent sequences)
     timeout: float = 300.0         # seconds a worker may hold work without returning a result before
@@ -347,7 +347,7 @@ def _validate_rl(cfg: Config) -> None:
     _check(r.keep_checkpoints >= 1, "rl.keep_checkpoints", ">= 1", r.keep_checkpoints)
     _check(r.log_every >= 1, "rl.log_every", ">= 1", r.log_every)
     _check(r.dtype in ("auto", "fp32", "bf16"), "rl.dtype", TRAIN_DTYPES, r.dtype)
-    _check(w.dtype in ("fp32", "bf16", "fp16"), "rollout.dtype", "fp32, bf16, fp16", w.dtype)
+    _check(w.dtype in ("auto", "fp32", "bf16", "fp16"), "rollout.dtype", "auto, fp32, bf16, fp16", w.dtype)
     _check(w.workers >= 0, "rollout.workers", ">= 0 (0 = colocated in the trainer)", w.workers)
     _check(w.max_batch >= 1, "rollout.max_batch", ">= 1", w.max_batch)
     _check(w.timeout > 0, "rollout.timeout", "> 0 seconds", w.timeout)

@@ -74,7 +74,7 @@ def ensure_tokenizer(cfg: Config, run_dir: Path, tasks: list[Task]) -> ChatToken
 
 def check_runnable(cfg: Config) -> list[Task]:
     """Fail fast, before anything is written: devices, dtypes and tasks must all resolve."""
-    accel.train_dtype(cfg.sft.dtype, accel.resolve_device(cfg.device_for("sft")))
+    accel.choose_dtype(cfg.sft.dtype, accel.resolve_device(cfg.device_for("sft")))
     accel.resolve_dtype(cfg.eval.dtype, accel.resolve_device(cfg.device_for("eval")))
     if cfg.rl.steps:
         from tandem.train.rollout import check_devices

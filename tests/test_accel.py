@@ -68,7 +68,7 @@ def test_local_device_rules_and_set_device_on_cpu():
     accel.empty_cache("cpu")
 
 
-def test_auto_train_dtype_is_bf16_only_where_the_device_has_bf16_units():
+def test_auto_dtype_is_bf16_only_where_the_device_has_bf16_units():
     """"auto" follows fast_bf16, which on a CPU follows its cpuinfo flags (AMX, AVX512-BF16, Arm
     BF16): a CPU that only emulates bf16 (e.g. AVX2) trains in fp32. Explicit names pass through."""
     fast = accel.fast_bf16("cpu")
@@ -76,8 +76,8 @@ def test_auto_train_dtype_is_bf16_only_where_the_device_has_bf16_units():
         assert fast
     elif accel.cpu_flags() and "BF16" not in torch.backends.cpu.get_cpu_capability().upper():
         assert not fast                   # the cpuinfo flags are there and name no bf16 unit
-    assert accel.train_dtype("auto", "cpu") == ("bf16" if fast else "fp32")
-    assert accel.train_dtype("bf16", "cpu") == "bf16" and accel.train_dtype("fp32", "cpu") == "fp32"
+    assert accel.choose_dtype("auto", "cpu") == ("bf16" if fast else "fp32")
+    assert accel.choose_dtype("bf16", "cpu") == "bf16" and accel.choose_dtype("fp32", "cpu") == "fp32"
 
 
 def test_a_device_without_bf16_refuses_it_in_one_line_and_auto_falls_back(monkeypatch, tmp_path, capsys):
@@ -85,7 +85,7 @@ def test_a_device_without_bf16_refuses_it_in_one_line_and_auto_falls_back(monkey
     sft.dtype=bf16 through the CLI: one line, exit 2, nothing written; "auto" picks fp32 there."""
     from tandem.cli import main
     monkeypatch.setitem(accel._DTYPE_CACHE, ("cpu", "bf16"), False)
-    assert accel.train_dtype("auto", "cpu") == "fp32"
+    assert accel.choose_dtype("auto", "cpu") == "fp32"
     code = main(["sft", "--preset", "smoke", "--set", "sft.dtype=bf16", "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot compute in bf16" in err[0]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_tandem, tiny_model_config
+from tandem import accel
 from tandem.config import load_config
 from tandem.model import Transformer, weights_fingerprint
 from tandem.runs import prepare_run, read_metrics, read_summary
@@ -206,3 +207,16 @@ def test_two_data_parallel_trainers_match_one(tmp_path):
     start = load_checkpoint(latest_valid(init / "checkpoints" / "sft"))["model"]
     assert weights_fingerprint(wa) != weights_fingerprint(start)                # the gradients were not zero
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4        # same steps, up to summation order
+
+
+def test_rollout_dtype_auto_is_decided_once_by_the_rollout_device(monkeypatch):
+    """rollout.dtype = "auto" (the tiny and moe presets) becomes bf16 only where the rollout device
+    has bf16 units, fp32 elsewhere; the spec carries the decided name, so the trainer encodes the
+    weights it publishes in the dtype the workers compute in."""
+    cfg = load_config(preset="tiny", overrides=["rollout.device=cpu"])
+    assert cfg.rollout.dtype == "auto"
+    for fast in (True, False):
+        monkeypatch.setattr(accel, "fast_bf16", lambda device, fast=fast: fast)
+        spec = make_spec(cfg, tiny_model_config(), SimpleNamespace(eos_id=1))
+        assert spec["dtype"] == ("bf16" if fast else "fp32")
+        assert Generator(spec).dtype == accel.DTYPES[spec["dtype"]]

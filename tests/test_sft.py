@@ -49,7 +49,7 @@ def test_auto_dtype_trains_in_what_the_device_does_fast(tmp_path):
     """sft.dtype=auto: bf16 autocast only where accel finds bf16 units (fp32 on e.g. an AVX2 CPU);
     the summary records the dtype used."""
     cfg = load_config(preset="smoke", overrides=OVERRIDES + ["sft.dtype=auto", "sft.steps=1"])
-    assert _train(tmp_path / "run", cfg)["dtype"] == accel.train_dtype("auto", "cpu")
+    assert _train(tmp_path / "run", cfg)["dtype"] == accel.choose_dtype("auto", "cpu")
 
 
 def test_training_reduces_loss(tmp_path):

@@ -224,7 +224,7 @@ class GRPOTrainer:
         self.rank, self.world = ((dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group is not None
                                  else (0, 1))
         self.leader = self.rank == 0
-        self.dtype = accel.train_dtype(self.r.dtype, self.device)   # "auto" resolved: bf16 only where fast
+        self.dtype = accel.choose_dtype(self.r.dtype, self.device)   # "auto" resolved: bf16 only where fast
         self.amp_dtype = accel.DTYPES[self.dtype]
         self.ckpt_root = run_dir / "checkpoints" / "rl"
         self.latest = latest_valid(self.ckpt_root)

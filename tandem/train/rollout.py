@@ -201,7 +201,14 @@ def receive_weights(store, version: int, fingerprint: str, who: str, retries: in
 def make_spec(cfg, model_config: ModelConfig, tokenizer) -> dict:
     """Everything a worker needs to build its engine and sample, as JSON."""
     r, w = cfg.rl, cfg.rollout
-    return {"model": model_config.to_dict(), "device": cfg.device_for("rollout"), "dtype": w.dtype,
+    dtype = w.dtype
+    if dtype == "auto":     # resolved here, once, so the trainer encodes weights in the workers' dtype
+        try:
+            dtype = accel.choose_dtype(dtype, accel.resolve_device(cfg.device_for("rollout")))
+        except TandemError as exc:
+            raise RolloutError(f"rollout.dtype = 'auto' is decided on the trainer's machine, where the rollout "
+                               f"device is not usable ({exc}); set rollout.dtype to the workers' dtype") from None
+    return {"model": model_config.to_dict(), "device": cfg.device_for("rollout"), "dtype": dtype,
             "deterministic": cfg.run.deterministic, "threads": w.threads, "max_batch": w.max_batch,
             "max_len": r.max_prompt_len + r.max_new_tokens,
             "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
@@ -720,7 +727,7 @@ def check_devices(cfg) -> None:
         spec = cfg.device_for(section)
         try:
             device, dtype = accel.resolve_device(spec), getattr(cfg, section).dtype
-            accel.train_dtype(dtype, device) if section == "rl" else accel.resolve_dtype(dtype, device)
+            accel.choose_dtype(dtype, device)
         except TandemError as exc:
             raise type(exc)(f"{section}.device = {spec!r} ({section} role): {exc}") from None
 

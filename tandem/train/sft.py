@@ -160,7 +160,7 @@ class SFTTrainer:
         self.device = device = ranks.device if ranks else accel.resolve_device(cfg.device_for("sft"))
         accel.set_device(device)
         accel.set_deterministic(device, cfg.run.deterministic)
-        self.dtype = accel.train_dtype(s.dtype, device)      # "auto" resolved: bf16 only where it is fast
+        self.dtype = accel.choose_dtype(s.dtype, device)      # "auto" resolved: bf16 only where it is fast
         self.amp_dtype = accel.DTYPES[self.dtype]
         # Replica 0 is the model that is logged and checkpointed; more replicas exist only to be
         # compared with it (resilience.replicas: identical copies fed identical batches).
