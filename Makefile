@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test setup bench clean chromium
@@ -23,6 +24,11 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) -e ".[test,llamacpp]"
 	touch $(TEST_STAMP)
 
+# benchmarks/: the test extras plus the peers they measure against (TRL's GRPOTrainer)
+$(BENCH_STAMP): $(TEST_STAMP)
+	$(PIP) -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -37,7 +43,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will skip"
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -21,7 +21,7 @@ Reported: samples/s (generated samples / step time) and trained tokens/s (comple
 loss is computed on, eos included / step time) over the steps after the first two (warm-up), each
 as a ratio to TRL, and the mean reward over the first and last 5 steps (same reward function: the
 task's correctness + format). Target: tandem colocated >= 2x TRL's samples/s at equal work, reward
-no worse. If trl is not installed the script says so and exits 0 (pip install trl).
+no worse. `make bench` installs trl (the `bench` extra); without it the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
     try:
         import trl
     except ImportError:
-        print("skipped: trl is not installed here (pip install trl); nothing to compare against")
+        print("skipped: trl is not installed here (pip install -e '.[bench]'); nothing to compare against")
         return
     from tandem.publish import export_model
     from tandem.train.grpo import rl_tasks
