@@ -1,25 +1,28 @@
 """GRPO targets on the `tiny` preset: what RL buys, what disaggregation buys, what bf16 rollouts cost.
 
-    python benchmarks/bench_grpo.py demo   [--seeds 0,1,2] [--write] the demo, SFT + GRPO, end to end, per seed
+    python benchmarks/bench_grpo.py demo   [--seeds 0,1,2] [--rl-seeds 1,2] [--write]   the demo, SFT + GRPO, per seed
     python benchmarks/bench_grpo.py modes  [--init RUN] [--write]    async disaggregated vs sync colocated
     python benchmarks/bench_grpo.py parity [--init RUN] [--seeds 0,1] [--reuse] [--write]   async bf16 vs sync fp32
 
 demo: runs `tandem pipeline --preset tiny` (what `make demo` runs) once per seed (runs/bench/demo for
 seed 0) and reports test-split greedy accuracy per task before RL (evals["sft"]) and after
 (evals["rl"]), same eval set and decoding, the mean and spread over seeds of the hardest task's
-gain, and the wall time. Targets: the hardest task (lowest SFT accuracy) gains >= 10 points on
-average; the whole demo takes <= 15 minutes on 2 cores.
+gain, and the wall time. --rl-seeds adds GRPO runs (seeds as listed) from the first demo's SFT
+checkpoint, each scored like the demo: the spread of RL alone, for a fraction of a whole demo's
+time (its SFT accuracy is the first demo's). Targets: the hardest task (lowest SFT accuracy) gains
+>= 10 points on average; the whole demo takes <= 15 minutes on 2 cores.
 
 modes and parity start from the newest SFT checkpoint of --init (default runs/bench/demo; trained with the
 tiny preset's SFT first if missing) and run the tiny preset's RL section with one change each:
 * modes: `rl.steps` steps (default 30) three times, with and without the preset's group filter:
-  async disaggregated (trainer and one bf16 worker in separate processes, one torch thread each),
+  async disaggregated (trainer and one worker, in the preset's rollout dtype, in separate processes, one torch thread each),
   sync colocated with two threads (one process whose roles take turns, each using both threads),
   and sync colocated with one thread. Samples/s over the steady steps (the first two, which include
   the worker's start, are left out). Headline: async against colocated on the same two cores
   (equal hardware). The one-thread row says what a second device buys: colocated on one device
   against async on two (double the hardware, so not a like-for-like speed-up).
-* parity: the full RL schedule twice: the preset (async, bf16 worker) and sync with an fp32 worker;
+* parity: the full RL schedule twice: async with a bf16 worker and sync with an fp32 worker (on a CPU without
+  bf16 units the bf16 run is ~10x slower: measure this where the rollout device has them);
   then both are evaluated like the demo. Target: final accuracies within 3 points.
 """
 
@@ -89,8 +92,11 @@ def steady_rate(run_dir: Path, skip: int = 2) -> float:
 def part_demo(args) -> str:
     """One demo per seed in --seeds (seed 0 into runs/bench/demo, the --init of modes and parity);
     accuracies on the test split, which tuning the preset never looked at (tasks/base.py)."""
-    rows, gains, minutes = [], [], []
-    for seed in [int(seed) for seed in args.seeds.split(",")]:
+    from tandem.pipeline import run_eval_stage
+    rows, gains, rl_gains, minutes = [], [], [], []
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    rl_seeds = [int(seed) for seed in args.rl_seeds.split(",") if seed]
+    for seed in seeds:
         out = BENCH / ("demo" if seed == 0 else f"demo-s{seed}")
         remove_run(out)
         started = time.perf_counter()
@@ -103,9 +109,23 @@ def part_demo(args) -> str:
                   f"{after[task]['accuracy']:.1%}", f"{(after[task]['accuracy'] - before[task]['accuracy']) * 100:+.1f}",
                   f"{after[task]['format_rate']:.1%}"] for task in before]
         gains.append((after[hardest]["accuracy"] - before[hardest]["accuracy"]) * 100)
+    first = BENCH / ("demo" if seeds[0] == 0 else f"demo-s{seeds[0]}")
+    sft_evals = read_summary(first)["evals"]["sft"]
+    for seed in rl_seeds:      # GRPO alone, from the first demo's SFT checkpoint
+        out, rl = rl_run(ensure_sft(first), f"demo-rl-s{seed}", [f"run.seed={seed}"])
+        after = run_eval_stage(rl["cfg"], out, "rl", progress=False)
+        rows.append([f"{seeds[0]} + RL seed {seed}", f"**{hardest}**", after[hardest]["n"],
+                     f"{sft_evals[hardest]['accuracy']:.1%}", f"{after[hardest]['accuracy']:.1%}",
+                     f"{(after[hardest]['accuracy'] - sft_evals[hardest]['accuracy']) * 100:+.1f}",
+                     f"{after[hardest]['format_rate']:.1%}"])
+        rl_gains.append((after[hardest]["accuracy"] - sft_evals[hardest]["accuracy"]) * 100)
     mean = sum(gains) / len(gains)
     spread = (f"standard deviation {statistics.stdev(gains):.1f}, range {min(gains):+.1f} to {max(gains):+.1f}"
               if len(gains) > 1 else "one seed: no spread (run with --seeds 0,1,2)")
+    if rl_gains:
+        every = gains[:1] + rl_gains
+        spread += (f"; GRPO alone from seed {seeds[0]}'s SFT, RL seeds {seeds[0]},{args.rl_seeds}: mean "
+                   f"**{sum(every) / len(every):+.1f} points**, range {min(every):+.1f} to {max(every):+.1f}")
     rl = summary["rl"]
     body = table(["seed", "task", "n", "SFT accuracy", "after GRPO", "points", "format after"], rows)
     body += (f"\n\nTest-split greedy pass@1, same eval set and decoding before and after. GRPO: {rl['steps']} steps, "
@@ -134,6 +154,7 @@ def part_modes(args) -> str:
         for m, (mode, overrides) in enumerate(modes.items()):
             out, rl = rl_run(init, f"modes-{c}{m}", steps + extra + overrides)
             rates[mode], waits[mode] = steady_rate(out), rl["wait_seconds"] / rl["seconds"]
+            worker_dtype = rl["rollout"]["dtype"]
             mfu[mode] = describe_mfu(rl.get("mfu"))
         two, one = rates["colocated, 2 threads"], rates["colocated, 1 thread"]
         rows.append([config, f"{rates['async']:.0f}", f"{waits['async']:.0%}", f"{two:.0f}",
@@ -144,7 +165,7 @@ def part_modes(args) -> str:
                   "async (two devices) / one device", "update MFU, async", "update MFU, colocated 2 threads"], rows)
     r = load_config(preset="tiny").rl
     return (body + f"\n\nSamples/s over steps 3..{args.steps} of {args.steps}-step runs from {rel(init)}, {r.prompts_per_step} "
-            f"prompts x {r.group_size} samples per step, bf16 rollouts. Headline (bold): the same two cores either "
+            f"prompts x {r.group_size} samples per step, {worker_dtype} rollouts (the preset's rollout.dtype = auto on this CPU). Headline (bold): the same two cores either "
             f"split between a trainer and a rollout worker process that overlap (async), or given both to one "
             f"process whose roles take turns (colocated, two threads). Async's gain over taking turns is at most "
             f"(generation + update) / max(generation, update), minus what one role loses by having one thread "
@@ -159,7 +180,7 @@ def part_parity(args) -> str:
     from tandem.pipeline import run_eval_stage
     init = ensure_sft(Path(args.init))
     baseline = read_summary(Path(args.init)).get("evals", {}).get("sft")
-    runs = {"async, bf16 worker (the preset)": ["rl.mode=async", "rollout.dtype=bf16"],
+    runs = {"async, bf16 worker": ["rl.mode=async", "rollout.dtype=bf16"],
             "sync, fp32 worker": ["rl.mode=sync", "rollout.dtype=fp32"]}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     rows, accuracy = [], {label: [] for label in runs}
@@ -190,6 +211,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="RL steps per mode (modes)")
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds: one demo each (demo), one run per "
                         "mode each (parity)")
+    parser.add_argument("--rl-seeds", default="", help="demo: extra GRPO seeds run from the first demo's SFT checkpoint")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs of the same config instead of retraining them (parity)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
