@@ -16,6 +16,7 @@ server would.
     .venv/bin/python benchmarks/bench_decode.py --threads 1 --write   # also update BENCHMARKS.md
     .venv/bin/python benchmarks/bench_decode.py --device cuda         # both sides on an accelerator
     .venv/bin/python benchmarks/bench_decode.py --baseline [REF]      # also this tree vs git REF (HEAD~1)
+    .venv/bin/python benchmarks/bench_decode.py --profile             # also where a batch-1 token's time goes
 
 llama.cpp (third column, at batch 1, when llama-cpp-python is installed): the same weights written
 by tandem's GGUF export in f32 (with a BPE tokenizer trained for the export: the prompts are token
@@ -171,6 +172,35 @@ def llamacpp_lines(ours: Transformer, args) -> list[str]:
             "only (no prompt, no Python), ours the whole generate() call."]
 
 
+def profile_lines(ours: Transformer, args) -> list[str]:
+    """Where a batch-1 decode step's time goes: one `Engine.generate()` under torch.profiler (CPU
+    ops). Per generated token: the unprofiled wall time, the number of aten ops, their summed self
+    time (the kernels plus torch's dispatch of each op; the profiler adds ~1 us per op to both) and
+    the rest of the profiled wall (Python: the engine's scheduling, sampling bookkeeping, the
+    model's forward code), then the ops that take the most time."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = Engine(ours, max_batch=1, max_len=args.prompt_len + args.new_tokens)
+    prompts = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len),
+                            generator=torch.Generator().manual_seed(1)).tolist()
+    time_ours(engine, prompts, args.new_tokens)
+    per_token = statistics.median(time_ours(engine, prompts, args.new_tokens) for _ in range(5)) / args.new_tokens
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled = time_ours(engine, prompts, args.new_tokens) / args.new_tokens
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    op_us = sum(e.self_cpu_time_total for e in events) / args.new_tokens          # profiler reports us
+    ops = sum(e.count for e in events) / args.new_tokens
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    lines = ["", f"Profile of batch-1 decode, per generated token ({torch.get_num_threads()} thread(s), "
+             f"`--profile`): {per_token * 1e6:,.0f} us of wall unprofiled; under the profiler "
+             f"{profiled * 1e6:,.0f} us, of which {ops:,.0f} aten ops take {op_us:,.0f} us of self time "
+             f"(kernels + dispatch) and the other {max(0.0, profiled * 1e6 - op_us):,.0f} us is Python. "
+             "The ops with the most self time:", "",
+             "| op | calls per token | self us per token |", "|---|---:|---:|"]
+    lines += [f"| `{e.key}` | {e.count / args.new_tokens:.1f} | {e.self_cpu_time_total / args.new_tokens:,.1f} |"
+              for e in top]
+    return lines
+
+
 def baseline_lines(args, batches: list[int]) -> list[str]:
     """Engine.generate on this tree vs git ref args.baseline (benchmarks/ab.py), as table lines."""
     from benchmarks.ab import compare, report
@@ -198,6 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|... (default cpu)")
+    parser.add_argument("--profile", action="store_true", help="also profile batch-1 decode: where a token's time goes")
     parser.add_argument("--write", action="store_true", help="update the bench_decode section of BENCHMARKS.md")
     from benchmarks.ab import add_baseline_argument
     add_baseline_argument(parser)
@@ -243,6 +274,8 @@ def main(argv=None) -> int:
                      f"{paired[0]:.2f}-{paired[-1]:.2f}x | {mark} |")
     if device.type == "cpu":
         lines += llamacpp_lines(ours, args)
+    if args.profile:
+        lines += profile_lines(ours, args)
     if args.baseline:
         lines += baseline_lines(args, batches)
     table = "\n".join(lines)

@@ -1,6 +1,6 @@
 """Every benchmark, in dependency order, each writing its section of BENCHMARKS.md (`make bench`).
 
-    .venv/bin/python benchmarks/run_all.py                 # all of them: about an hour on an idle 2-core machine
+    .venv/bin/python benchmarks/run_all.py                 # all of them: about two hours on an idle 2-core machine
     .venv/bin/python benchmarks/run_all.py --only serve,decode
     .venv/bin/python benchmarks/run_all.py --dry-run       # print the commands
 
@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = "runs/bench/demo"
 
 BENCHMARKS = {                      # name -> arguments of its script, in the order they run
-    "grpo-demo": ["bench_grpo.py", "demo", "--write"],
+    "grpo-demo": ["bench_grpo.py", "demo", "--rl-seeds", "1,2", "--write"],
     "grpo-modes": ["bench_grpo.py", "modes", "--write"],
     "grpo-parity": ["bench_grpo.py", "parity", "--write"],
     "trl": ["bench_trl.py", "--write"],
     "parity": ["bench_parity.py", "--model", DEMO, "--n", "64", "--write"],
     "serve": ["bench_serve.py", "--model", DEMO, "--write"],
     "serve-chaos": ["bench_serve_chaos.py", "--model", DEMO, "--write"],
-    "decode": ["bench_decode.py", "--repeats", "9", "--write"],
+    "decode": ["bench_decode.py", "--repeats", "9", "--profile", "--write"],
     "train": ["bench_train.py", "--repeats", "5", "--steps", "10", "--write"],
     "chaos": ["bench_chaos.py", "--write"],
     "scale": ["bench_scale.py", "--write"],       # ~22 GB at its peak (2 DDP ranks): run it alone
