@@ -67,6 +67,47 @@ def _mfu(stage: dict, what: str) -> str:
     return "" if text == "n/a" else f" {what} MFU: {text} measured in this run (tandem/peak.py)."
 
 
+def plot_expert_load(run_dir: Path, phase: str) -> tuple[str, list[float]] | None:
+    """A heatmap of each MoE layer's share of tokens per routed expert, summed over the phase's
+    logged steps (metrics.jsonl "expert_load"), and the imbalance (max/mean) per layer of that sum;
+    None for a dense model."""
+    loads = [r["expert_load"] for r in read_metrics(run_dir, phase) if r.get("expert_load")]
+    if not loads:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    total = [[sum(step[layer][e] for step in loads) for e in range(len(loads[0][layer]))]
+             for layer in range(len(loads[0]))]
+    shares = [[count / (sum(layer) or 1) for count in layer] for layer in total]
+    imbalance = [max(layer) * len(layer) / sum(layer) if sum(layer) else float("nan") for layer in total]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(shares)), dpi=100)
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{phase.upper()} expert load (share of routed tokens, {len(loads)} logged steps)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(exist_ok=True)
+    fig.savefig(plots / f"{phase}_expert_load.png")
+    plt.close(fig)
+    return f"plots/{phase}_expert_load.png", imbalance
+
+
+def expert_lines(run_dir: Path, phase: str) -> list[str]:
+    """report.md lines on expert balance for one phase (none for a dense model)."""
+    plotted = plot_expert_load(run_dir, phase)
+    if plotted is None:
+        return []
+    heatmap, imbalance = plotted
+    lines = [f"Expert load, max/mean over the routed experts of each MoE layer (1.00 = even), summed over the "
+             f"logged steps: {', '.join(f'{value:.2f}' for value in imbalance)}.", "", f"![expert load]({heatmap})", ""]
+    curve = plot_series(run_dir, phase, "expert_imbalance", f"{phase}_expert_imbalance.png",
+                        "expert imbalance per logged step (max/mean, worst layer)")
+    return lines + ([f"![expert imbalance]({curve})", ""] if curve else [])
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
@@ -84,6 +125,7 @@ def write_report(run_dir: Path) -> Path:
         plot = plot_series(run_dir, "sft", "loss", "sft_loss.png", "SFT loss (assistant tokens)")
         if plot:
             lines += [f"![SFT loss]({plot})", ""]
+        lines += expert_lines(run_dir, "sft")
     rl = summary.get("rl")
     if rl:
         lines += ["## GRPO", "", _rl_summary(rl), ""]
@@ -91,6 +133,7 @@ def write_report(run_dir: Path) -> Path:
             plot = plot_series(run_dir, "rl", key, filename, title)
             if plot:
                 lines += [f"![{title}]({plot})", ""]
+        lines += expert_lines(run_dir, "rl")
     if summary.get("ledger"):
         lines += ["## Compute ledger", "", Ledger.from_dict(summary["ledger"]).markdown(), ""]
     samples = summary.get("samples", {})

@@ -3,13 +3,12 @@ block and whole-model logits with copied weights; the MLA latent cache against f
 
 import pytest
 import torch
+import transformers
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds
 
 from conftest import prefill_then_decode, tiny_deepseek_config
 from tandem.architectures import build_model, model_from_state
 from tandem.deepseek import DeepseekV3, LatentCache, Router
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds  # noqa: E402
 
 
 def hf_config(config):

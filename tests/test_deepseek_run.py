@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from conftest import run_tandem, tiny_deepseek_config
 from tandem.config import load_config
 from tandem.errors import ModelError
 from tandem.model import weights_fingerprint
+from tandem.runs import read_metrics
 
-transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
@@ -47,6 +48,14 @@ def test_pipeline_trains_exports_and_gates_an_moe_model(moe_run):
     bias = weights["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert bias.dtype == torch.float32 and bias.abs().max() > 0      # balancing moved it while training
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in weights and "model.layers.0.mlp.gate_proj.weight" in weights
+    # report.md: each phase's expert load per MoE layer (a heatmap) and its imbalance over training
+    for phase in ("sft", "rl"):
+        logged = [r for r in read_metrics(moe_run, phase) if "expert_load" in r]
+        assert logged and all(len(r["expert_load"]) == 1 and len(r["expert_load"][0]) == 4 for r in logged)
+        assert all(r["expert_imbalance"] >= 1.0 for r in logged)
+        assert (moe_run / "plots" / f"{phase}_expert_load.png").stat().st_size > 0
+    report = (moe_run / "report.md").read_text()
+    assert report.count("Expert load, max/mean") == 2 and "plots/rl_expert_imbalance.png" in report
 
 
 def test_transformers_loads_the_moe_export_with_same_logits_and_greedy(moe_run):
@@ -127,7 +136,7 @@ def test_import_names_what_it_supports_and_refuses_softmax_routing(tmp_path):
 
 def test_bias_moves_toward_balance_after_an_update_only():
     from test_deepseek import randomised
-    from tandem.train.balance import balance_experts
+    from tandem.train.balance import balance_experts, load_metrics
     model = randomised(tiny_deepseek_config(bias_update_speed=0.01)).train()
     router = model.model.layers[1].mlp.gate
     router.e_score_correction_bias.zero_()
@@ -141,9 +150,13 @@ def test_bias_moves_toward_balance_after_an_update_only():
     balance_experts(model, updated=False)              # a skipped step: counts dropped, bias kept
     assert router.load.sum() == 0 and router.e_score_correction_bias.abs().sum() == 0
     model(ids)
-    balance_experts(model, updated=True)
+    counted = balance_experts(model, updated=True)     # the step's counts, returned for metrics.jsonl
     expected = 0.01 * torch.sign(load.mean() - load)
     assert torch.equal(router.e_score_correction_bias, expected) and router.load.sum() == 0
+    assert len(counted) == len(model.routers()) and counted[0] == load.tolist()    # layer 0 is dense
+    ratios = [max(layer) * len(layer) / sum(layer) for layer in counted]
+    assert load_metrics(counted)["expert_imbalance"] == max(ratios) >= float(load.max() / load.mean())
+    assert load_metrics(balance_experts(torch.nn.Linear(2, 2), updated=True)) == {}    # dense: nothing
 
 
 def test_moe_sft_resume_is_bitwise_exact(tmp_path):

@@ -125,7 +125,7 @@ from tandem.peak import run_peaks, utilisation
 from tandem.progress import Progress, log
 from tandem.runs import append_metrics, read_summary, truncate_metrics, update_summary
 from tandem.tasks import Example, RewardResult, Task, stable_seed
-from tandem.train.balance import balance_experts
+from tandem.train.balance import balance_experts, load_metrics
 from tandem.train.checkpoint import discard_newer, latest_valid, load_checkpoint, save_checkpoint
 from tandem.resilience.faults import FaultInjector
 from tandem.resilience.guard import StepGuard
@@ -248,6 +248,7 @@ class GRPOTrainer:
         model = model_from_state(self.model_config, init_weights, dtype=torch.float32)
         self.init_fingerprint = weights_fingerprint(model.checkpoint_state())
         self.reference = None
+        self.expert_load = None     # MoE: the step's router counts (balance.py), for metrics
         if r.kl_coef > 0:  # beta = 0 loads no reference at all
             self.reference = copy.deepcopy(model).to(device, self.amp_dtype).eval().requires_grad_(False)
         del init_weights
@@ -479,6 +480,7 @@ class GRPOTrainer:
         lr = lr_at(step, r.lr, r.warmup_steps, r.steps, r.min_lr_ratio)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
+        self.expert_load = None             # set by train_on (MoE models): this step's router counts
         if not n_seq:  # every group was uniform (filtered): nothing to learn from this batch
             return Update(lr, None, {}, torch.zeros(0), 0.0, 0, None)
         batch = build_batch(prompts, completions, logprobs, advantages, r.loss_norm, r.max_new_tokens,
@@ -519,7 +521,7 @@ class GRPOTrainer:
                 self.faults.before_update(step, [model])
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            balance_experts(model, verdict.action == "update", update.group)
+            self.expert_load = balance_experts(model, verdict.action == "update", update.group)
         return grad_norm, skipped, None
 
     def publish(self, done: int, following: int | None) -> dict:
@@ -562,7 +564,8 @@ class GRPOTrainer:
                 "samples_per_s": n_samples / step_seconds, "step_seconds": step_seconds,
                 "update_seconds": update_seconds, "wait_seconds": scored.wait_seconds,
                 "sync_seconds": sync["seconds"], "sync_bytes": sync["bytes"], "weights_version": result.version,
-                "reward_errors": scored.errors, "worker_faults": result.faults, "time": time.time()})
+                "reward_errors": scored.errors, "worker_faults": result.faults, **load_metrics(self.expert_load),
+                "time": time.time()})
         self.bar.update(1, reward=reward, acc=accuracy, mismatch=gap["mismatch"])
 
     # --- rollouts -------------------------------------------------------------------------------

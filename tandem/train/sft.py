@@ -43,7 +43,7 @@ from tandem.runs import append_metrics, truncate_metrics
 from tandem.tasks import Task
 from tandem.tokenizer import ChatTokenizer
 from tandem.train import sharded_checkpoint
-from tandem.train.balance import balance_experts
+from tandem.train.balance import balance_experts, load_metrics
 from tandem.train.parallel import Ranks
 from tandem.train.packing import Layout, make_layout, target_hidden
 from tandem.train.checkpoint import (AsyncCheckpointer, discard_newer, latest_valid, load_checkpoint,
@@ -172,6 +172,7 @@ class SFTTrainer:
         self.ckpt_root = run_dir / "checkpoints" / "sft"
         self.tokenizer_files = {n: run_dir / "tokenizer" / n for n in ("tokenizer.json", "tokenizer_config.json")}
         self.incidents = Incidents(run_dir, write=self.leader)
+        self.expert_load = None     # MoE: the last applied step's router counts (balance.py), for metrics
         self.faults = FaultInjector.from_config(r, s.steps, run_dir, rank=ranks.rank if ranks else 0,
                                                 ranks=ranks.world if ranks else 1)
         self.guard = StepGuard.from_config(r)
@@ -363,7 +364,9 @@ class SFTTrainer:
             self.incidents.record("skip", step, verdict.reason)
         for model in self.models:
             model.zero_grad(set_to_none=True)
-            balance_experts(model, verdict.action == "update", self.ranks.group if self.ranks else None)
+        loads = [balance_experts(model, verdict.action == "update", self.ranks.group if self.ranks else None)
+                 for model in self.models]
+        self.expert_load = loads[0]        # the replicas route the same tokens
         return grad_norm
 
     def record(self, step: int, loss: float, lr: float, grad_norm: float, step_tokens: int, elapsed: float) -> None:
@@ -376,7 +379,7 @@ class SFTTrainer:
         if self.leader and (step % s.log_every == 0 or step == s.steps):
             append_metrics(self.run_dir, {"phase": "sft", "step": step, "loss": loss, "lr": lr,
                                           "grad_norm": grad_norm, "tokens_per_s": step_tokens / elapsed,
-                                          "time": time.time()})
+                                          **load_metrics(self.expert_load), "time": time.time()})
         self.bar.update(1, loss=loss, lr=lr)
 
     def summary(self, start: int) -> dict:
