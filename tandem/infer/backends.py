@@ -162,6 +162,31 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def routed_experts(model: torch.nn.Module, forward: Callable[[], object]) -> torch.Tensor | None:
+    """Run `forward()` and return the experts each MoE router of `model` chose per token, [tokens,
+    MoE layers, top-k] with the ids sorted per token; None for a model without routers. A router is
+    a module named `*.mlp.gate` that returns a tuple holding an integer tensor of expert ids:
+    tandem's DeepSeek-V3 Router and transformers' DeepseekV3TopkRouter alike."""
+    chosen: list[torch.Tensor] = []
+
+    def keep_ids(_module, _inputs, output):
+        ids = [t for t in output if isinstance(t, torch.Tensor) and not t.is_floating_point()] \
+            if isinstance(output, tuple) else []
+        if ids:
+            chosen.append(ids[0].reshape(-1, ids[0].shape[-1]).sort(-1).values.cpu())
+
+    handles = [module.register_forward_hook(keep_ids) for name, module in model.named_modules()
+               if name.endswith("mlp.gate")]
+    if not handles:
+        return None
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(chosen, 1) if chosen else None
+
+
 class Backend:
     """The common interface. Subclasses implement _generate_ids and _logits."""
 
@@ -218,6 +243,27 @@ class Backend:
         rows = self.next_token_logprobs(prompt_ids, completion_ids)
         return [r.gather(1, torch.tensor(c, dtype=torch.long).view(-1, 1)).view(-1) if len(c) else torch.zeros(0)
                 for r, c in zip(rows, completion_ids)]
+
+    def routing(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor] | None:
+        """Per sequence: the experts every MoE layer chose for the tokens whose rows
+        next_token_logprobs returns, [len(completion), MoE layers, top-k] (ids sorted per token);
+        None when the model has no routers or this backend cannot show them (llama.cpp)."""
+        module = self._module()
+        if module is None:
+            return None
+        out = []
+        for prompt, completion in zip(prompt_ids, completion_ids):
+            keep_alive()
+            seq = list(prompt) + list(completion)
+            chosen = routed_experts(module, lambda: self._logits(seq))
+            if chosen is None:
+                return None
+            out.append(chosen[len(prompt) - 1:len(seq) - 1])
+        return out
+
+    def _module(self) -> torch.nn.Module | None:
+        """The torch model _logits runs, where there is one (routing() hooks its routers)."""
+        return None
 
     def _generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         raise NotImplementedError
@@ -292,6 +338,9 @@ class TorchBackend(Backend):
     def _logits(self, ids):
         with torch.inference_mode():
             return self.model(torch.tensor([ids], device=self.device))[0].float().cpu()
+
+    def _module(self):
+        return self.model
 
     def score(self, prompt_ids, completion_ids):
         return self.engine.score([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)],
@@ -393,6 +442,9 @@ class HFBackend(Backend):
     def _logits(self, ids):
         with torch.inference_mode():
             return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+
+    def _module(self):
+        return self.model
 
 
 # -----------------------------------------------------------------------------------------------
