@@ -98,11 +98,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(command: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    """A server process whose output goes to an unnamed temporary file (proc.log). Not a pipe: a
+    pipe nobody reads fills after 64 KB and then blocks a chatty server (llama-server logs every
+    request) mid-benchmark, which the load generator would count as lost requests."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def log_tail(proc: subprocess.Popen, size: int = 500) -> str:
+    proc.log.seek(0, os.SEEK_END)
+    proc.log.seek(max(0, proc.log.tell() - size))
+    return proc.log.read().decode(errors="replace")
+
+
 def wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with status {proc.returncode}: {proc.stderr.read()[-500:]}")
+            raise SystemExit(f"error: the server exited with status {proc.returncode}: {log_tail(proc)}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -114,10 +130,9 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def start_tandem(model: str, max_batch: int, threads: int, *flags: str) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--name", "bench",
-                             "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-                             "--max-queue", "512", *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = launch([sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--name", "bench",
+                   "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
+                   "--max-queue", "512", *flags], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/health", proc)
     return proc, url, "bench"
@@ -138,11 +153,10 @@ def start_llamacpp(model: str, threads: int, tmp: Path) -> tuple[subprocess.Pope
     """llama-cpp-python's server on a GGUF export of the model; also returns the eos id."""
     gguf, context, eos = export_gguf(model, tmp)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
-                             "--n_threads", str(threads), "--chat_format", "chatml",
-                             "--interrupt_requests", "false"],      # queue concurrent requests, don't cut them off
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = launch([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+                   "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
+                   "--n_threads", str(threads), "--chat_format", "chatml",
+                   "--interrupt_requests", "false"])      # queue concurrent requests, don't cut them off
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/v1/models", proc)
     return proc, url, "bench", eos
@@ -165,11 +179,10 @@ def start_llama_server(binary: Path, model: str, threads: int, tmp: Path) -> tup
     each slot the model's full context; requests take ignore_eos like tandem's."""
     gguf, context, _ = export_gguf(model, tmp)
     port = free_port()
-    proc = subprocess.Popen([str(binary), "--model", str(gguf), "--alias", "bench", "--host", "127.0.0.1",
-                             "--port", str(port), "--ctx-size", str(context * LLAMA_SLOTS),
-                             "--parallel", str(LLAMA_SLOTS), "--cont-batching", "--threads", str(threads),
-                             "--threads-batch", str(threads), "--chat-template", "chatml"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = launch([str(binary), "--model", str(gguf), "--alias", "bench", "--host", "127.0.0.1",
+                   "--port", str(port), "--ctx-size", str(context * LLAMA_SLOTS),
+                   "--parallel", str(LLAMA_SLOTS), "--cont-batching", "--threads", str(threads),
+                   "--threads-batch", str(threads), "--chat-template", "chatml"])
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/health", proc)
     return proc, url, "bench"
