@@ -173,32 +173,18 @@ def llamacpp_lines(ours: Transformer, args) -> list[str]:
 
 
 def profile_lines(ours: Transformer, args) -> list[str]:
-    """Where a batch-1 decode step's time goes: one `Engine.generate()` under torch.profiler (CPU
-    ops). Per generated token: the unprofiled wall time, the number of aten ops, their summed self
-    time (the kernels plus torch's dispatch of each op; the profiler adds ~1 us per op to both) and
-    the rest of the profiled wall (Python: the engine's scheduling, sampling bookkeeping, the
-    model's forward code), then the ops that take the most time."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where a batch-1 decode token's time goes (benchmarks/common.op_profile over one
+    `Engine.generate()`), beside its unprofiled wall time."""
+    from benchmarks.common import op_profile, profile_table
     engine = Engine(ours, max_batch=1, max_len=args.prompt_len + args.new_tokens)
     prompts = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len),
                             generator=torch.Generator().manual_seed(1)).tolist()
     time_ours(engine, prompts, args.new_tokens)
     per_token = statistics.median(time_ours(engine, prompts, args.new_tokens) for _ in range(5)) / args.new_tokens
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        profiled = time_ours(engine, prompts, args.new_tokens) / args.new_tokens
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    op_us = sum(e.self_cpu_time_total for e in events) / args.new_tokens          # profiler reports us
-    ops = sum(e.count for e in events) / args.new_tokens
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
-    lines = ["", f"Profile of batch-1 decode, per generated token ({torch.get_num_threads()} thread(s), "
-             f"`--profile`): {per_token * 1e6:,.0f} us of wall unprofiled; under the profiler "
-             f"{profiled * 1e6:,.0f} us, of which {ops:,.0f} aten ops take {op_us:,.0f} us of self time "
-             f"(kernels + dispatch) and the other {max(0.0, profiled * 1e6 - op_us):,.0f} us is Python. "
-             "The ops with the most self time:", "",
-             "| op | calls per token | self us per token |", "|---|---:|---:|"]
-    lines += [f"| `{e.key}` | {e.count / args.new_tokens:.1f} | {e.self_cpu_time_total / args.new_tokens:,.1f} |"
-              for e in top]
-    return lines
+    profile = op_profile(lambda: time_ours(engine, prompts, args.new_tokens), args.new_tokens)
+    return ["", f"Profile of batch-1 decode ({torch.get_num_threads()} thread(s), `--profile`): "
+            f"{per_token * 1e6:,.0f} us per token unprofiled.", "",
+            profile_table({"tandem Engine, batch 1": profile}, "generated token")]
 
 
 def baseline_lines(args, batches: list[int]) -> list[str]:

@@ -1,7 +1,7 @@
 """Training throughput: tandem's SFT step vs HF transformers' LlamaForCausalLM, same run, with MFU.
 
     python benchmarks/bench_train.py [--threads 2] [--repeats 5] [--steps 20] [--dtypes fp32,bf16]
-                                     [--device cpu] [--no-packing] [--baseline [REF]] [--write]
+                                     [--device cpu] [--no-packing] [--profile] [--baseline [REF]] [--write]
 
 Both sides get the same model config (the `tiny` preset), the same initial weights, the same real
 SFT examples (loss on assistant tokens only: -100 labels for HF), AdamW with the same
@@ -116,12 +116,18 @@ def side_by_side(args, device):
             rates[name].append(tokens / (accel.timer(device) - start))
     shape = (f"batch {s.batch_size} ({tokens // args.steps:,} real tokens per step; padded width "
              f"{padded[0].layout.input_ids.shape[1]})")
-    return rates, initial, shape, tokens // args.steps
+    profiles = {}
+    if args.profile:       # where a step's time goes, each side in the first dtype (op_profile)
+        from benchmarks.common import op_profile
+        for (side, dtype), (step, opt) in runs.items():
+            if dtype == args.dtypes[0]:
+                profiles[f"{side}, {dtype}"] = op_profile(lambda: [step(opt, i) for i in range(args.steps)], args.steps)
+    return rates, initial, shape, tokens // args.steps, profiles
 
 
 def main() -> None:
     from benchmarks.ab import add_baseline_argument, compare, report
-    from benchmarks.common import environment, median, table, write_section
+    from benchmarks.common import environment, median, profile_table, table, write_section
     from tandem import accel
     from tandem.model import estimate_train_flops
     from tandem.peak import matmul_peak
@@ -133,6 +139,7 @@ def main() -> None:
                         "(fp32, bf16: autocast over fp32 weights); e.g. fp32,bf16 (default fp32)")
     parser.add_argument("--no-packing", action="store_true", help="tandem on right-padded batches too")
     parser.add_argument("--device", default="cpu", help="auto|cpu|cuda[:i]|npu[:i]|... (default cpu)")
+    parser.add_argument("--profile", action="store_true", help="also profile one pass of each side's steps")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     add_baseline_argument(parser)
     args = parser.parse_args()
@@ -141,7 +148,7 @@ def main() -> None:
         parser.error(f"--dtypes takes fp32 and/or bf16, got {','.join(args.dtypes)}")
     torch.set_num_threads(args.threads)
     device = accel.resolve_device(args.device)
-    rates, ours, shape, step_tokens = side_by_side(args, device)
+    rates, ours, shape, step_tokens, profiles = side_by_side(args, device)
     peaks = {d: matmul_peak(device, d, ours.config, step_tokens, budget_s=0.5) for d in dict.fromkeys(["fp32", *args.dtypes])}
 
     def mfu(rate: float, dtype: str) -> str:     # against the fp32 peak and the row's own dtype's
@@ -168,6 +175,9 @@ def main() -> None:
             f"load average {os.getloadavg()[0]:.1f} during the run. Tokens/s count real tokens only. MFU: 6 x params x "
             f"tokens/s over the matmul peak measured in this run at the model's shapes ({peak_text}; tandem/peak.py). "
             f"Target vs transformers: >= 1.5x ({'; '.join(verdicts)}).{own}")
+    if profiles:
+        body += ("\n\nWhere a step's time goes (`--profile`, one pass over the steps under torch.profiler):\n\n"
+                 + profile_table(profiles, "optimizer step"))
     if args.baseline:
         result = compare("bench_train.py:measure_trainer",
                          {"threads": args.threads, "steps": args.steps, "dtype": args.dtypes[-1]}, args.baseline, args.ab_rounds)

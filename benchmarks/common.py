@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmarks: medians, markdown tables, writing a section of BENCHMARKS.md, and
-scratch folders that only a benchmark's own earlier scratch folder may be emptied as.
+"""Helpers shared by the benchmarks: medians, markdown tables, writing a section of BENCHMARKS.md,
+scratch folders that only a benchmark's own earlier scratch folder may be emptied as, and a
+profile of where a piece of work's time goes (op_profile).
 
 Each benchmark owns one section between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers and
 rewrites only that section, with the command that produced it, the date, versions and threads.
@@ -81,3 +82,31 @@ def write_section(name: str, title: str, body: str, command: str | None = None) 
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def op_profile(run, units: int) -> dict:
+    """Where the time of `run()` goes, per unit of work (`units` per call: tokens decoded, steps),
+    from torch.profiler's CPU ops: {"ops": aten ops, "op_us": their summed self time (kernels plus
+    torch's dispatch; the profiler adds ~1 us per op), "wall_us": the profiled wall, "python_us":
+    the rest (the Python around the ops), "top": [(op, calls, self us)] for the 6 costliest ops}."""
+    import time
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run()
+        wall = (time.perf_counter() - start) * 1e6 / units
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    op_us = sum(e.self_cpu_time_total for e in events) / units
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    return {"ops": sum(e.count for e in events) / units, "op_us": op_us, "wall_us": wall,
+            "python_us": max(0.0, wall - op_us),
+            "top": [(e.key, e.count / units, e.self_cpu_time_total / units) for e in top]}
+
+
+def profile_table(profiles: dict[str, dict], unit: str) -> str:
+    """A markdown table of op_profile results side by side, then each one's costliest ops."""
+    rows = [[name, f"{p['wall_us']:,.0f}", f"{p['ops']:,.0f}", f"{p['op_us']:,.0f}", f"{p['python_us']:,.0f}",
+             ", ".join(f"`{op.removeprefix('aten::')}` {us:,.0f}" for op, _, us in p["top"][:4])]
+            for name, p in profiles.items()]
+    return table([f"per {unit}, under the profiler", "wall us", "aten ops", "op self time us",
+                  "Python (the rest) us", "costliest ops (self us)"], rows)

@@ -30,7 +30,7 @@ BENCHMARKS = {                      # name -> arguments of its script, in the or
     "serve": ["bench_serve.py", "--model", DEMO, "--write"],
     "serve-chaos": ["bench_serve_chaos.py", "--model", DEMO, "--write"],
     "decode": ["bench_decode.py", "--repeats", "9", "--profile", "--write"],
-    "train": ["bench_train.py", "--repeats", "5", "--steps", "10", "--write"],
+    "train": ["bench_train.py", "--repeats", "5", "--steps", "10", "--dtypes", "fp32,bf16", "--profile", "--write"],
     "chaos": ["bench_chaos.py", "--write"],
     "scale": ["bench_scale.py", "--write"],       # ~22 GB at its peak (2 DDP ranks): run it alone
 }
