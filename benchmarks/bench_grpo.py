@@ -1,7 +1,9 @@
 """GRPO targets on the `tiny` preset: what RL buys, what disaggregation buys, what bf16 rollouts cost.
 
     python benchmarks/bench_grpo.py demo   [--seeds 0,1,2] [--rl-seeds 1,2] [--write]   the demo, SFT + GRPO, per seed
+    python benchmarks/bench_grpo.py bf16   [--seeds 0,1] [--write]   the demo with bf16 trainers vs fp32, per seed
     python benchmarks/bench_grpo.py modes  [--init RUN] [--write]    async disaggregated vs sync colocated
+    python benchmarks/bench_grpo.py ab --baseline REF [--steps 30] [--write]   the preset's RL, this tree vs REF
     python benchmarks/bench_grpo.py parity [--init RUN] [--seeds 0,1] [--reuse] [--write]   async bf16 vs sync fp32
 
 demo: runs `tandem pipeline --preset tiny` (what `make demo` runs) once per seed (runs/bench/demo for
@@ -11,6 +13,17 @@ gain, and the wall time. --rl-seeds adds GRPO runs (seeds as listed) from the fi
 checkpoint, each scored like the demo: the spread of RL alone, for a fraction of a whole demo's
 time (its SFT accuracy is the first demo's). Targets: the hardest task (lowest SFT accuracy) gains
 >= 10 points on average; the whole demo takes <= 15 minutes on 2 cores.
+
+bf16: per seed, the demo as above (its folder reused when the demo part made it) and again with
+both trainers in bf16 (sft.dtype = rl.dtype = bf16: autocast over fp32 master weights), into
+runs/bench/demo-bf16[-sSEED]; test-split accuracy after SFT and after GRPO side by side, and each
+trainer's throughput. Target: within 1 point of fp32 after GRPO (two seeds). Meaningful where the
+CPU has bf16 units (accel.fast_bf16), else bf16 is only emulated and slow.
+
+ab: the preset's RL (async, the worker pinned to bf16 so both sides run the same job) for --steps
+steps on this tree and on a git worktree of --baseline REF, interleaved in fresh processes
+(benchmarks/ab.py); steady samples/s of each and the ratio. Target: >= 1.5x the commit before the
+performance work (issue 15).
 
 modes and parity start from the newest SFT checkpoint of --init (default runs/bench/demo; trained with the
 tiny preset's SFT first if missing) and run the tiny preset's RL section with one change each:
@@ -89,6 +102,53 @@ def steady_rate(run_dir: Path, skip: int = 2) -> float:
     return sum(r["samples_per_s"] * r["step_seconds"] for r in records) / sum(r["step_seconds"] for r in records)
 
 
+def demo_folder(seed: int, dtype: str = "") -> Path:
+    """runs/bench/demo[-DTYPE][-sSEED]: seed 0 in the preset's dtypes is runs/bench/demo."""
+    return BENCH / ("demo" + (f"-{dtype}" if dtype else "") + (f"-s{seed}" if seed else ""))
+
+
+def demo_run(seed: int, dtype: str = "", reuse: bool = False) -> tuple[Path, float | None]:
+    """`tandem pipeline --preset tiny` with run.seed = seed (and both trainers in `dtype`, if
+    given) into its fresh folder; (folder, minutes). With `reuse`, a finished run is kept (None)."""
+    out = demo_folder(seed, dtype)
+    if reuse and out.exists() and "rl" in read_summary(out).get("evals", {}):
+        return out, None
+    remove_run(out)
+    started = time.perf_counter()
+    dtypes = ["--set", f"sft.dtype={dtype}", "--set", f"rl.dtype={dtype}"] if dtype else []
+    tandem("pipeline", "--preset", "tiny", "--out", out, "--quiet", "--set", f"run.seed={seed}", *dtypes)
+    return out, (time.perf_counter() - started) / 60
+
+
+def part_bf16(args) -> str:
+    """Per seed, the demo with both trainers in fp32 (the preset; the demo part's runs, reused if
+    there) and in bf16 (autocast over fp32 master weights and AdamW state): test-split accuracy
+    after SFT and after GRPO, and each trainer's throughput."""
+    from tandem import accel
+    rows, diffs = [], []
+    for seed in [int(seed) for seed in args.seeds.split(",")]:
+        runs = {dtype: read_summary(demo_run(seed, dtype, reuse=dtype == "")[0]) for dtype in ("", "bf16")}
+        fp32, bf16 = runs[""], runs["bf16"]
+        for task in fp32["evals"]["rl"]:
+            after = {d: r["evals"]["rl"][task]["accuracy"] for d, r in (("fp32", fp32), ("bf16", bf16))}
+            diffs.append((after["bf16"] - after["fp32"]) * 100)
+            rows.append([seed, task, f"{fp32['evals']['sft'][task]['accuracy']:.1%}",
+                         f"{bf16['evals']['sft'][task]['accuracy']:.1%}", f"{after['fp32']:.1%}",
+                         f"{after['bf16']:.1%}", f"{diffs[-1]:+.1f}"])
+        rows.append([seed, "SFT tokens/s, GRPO samples/s", f"{fp32['sft']['tokens_per_s']:,.0f}",
+                     f"{bf16['sft']['tokens_per_s']:,.0f} ({bf16['sft']['tokens_per_s'] / fp32['sft']['tokens_per_s']:.2f}x)",
+                     f"{fp32['rl']['samples_per_s']:,.0f}",
+                     f"{bf16['rl']['samples_per_s']:,.0f} ({bf16['rl']['samples_per_s'] / fp32['rl']['samples_per_s']:.2f}x)", ""])
+    worst = max(abs(d) for d in diffs)
+    return (table(["seed", "task", "after SFT, fp32", "after SFT, bf16", "after GRPO, fp32", "after GRPO, bf16",
+                   "bf16 - fp32 (points)"], rows)
+            + f"\n\nTest-split greedy pass@1 of the whole demo per seed, both trainers (SFT and the GRPO policy "
+              f"update) in fp32 or in bf16; the rollout worker as the preset has it either way. Largest difference "
+              f"after GRPO: **{worst:.1f} points**, mean {sum(diffs) / len(diffs):+.1f} (target: within 1 point; the "
+              f"binomial noise of one 1000-prompt accuracy is about +-1.5 points). bf16 units on this CPU: "
+              f"{accel.fast_bf16('cpu')}. {environment(1)}.")
+
+
 def part_demo(args) -> str:
     """One demo per seed in --seeds (seed 0 into runs/bench/demo, the --init of modes and parity);
     accuracies on the test split, which tuning the preset never looked at (tasks/base.py)."""
@@ -97,11 +157,8 @@ def part_demo(args) -> str:
     seeds = [int(seed) for seed in args.seeds.split(",")]
     rl_seeds = [int(seed) for seed in args.rl_seeds.split(",") if seed]
     for seed in seeds:
-        out = BENCH / ("demo" if seed == 0 else f"demo-s{seed}")
-        remove_run(out)
-        started = time.perf_counter()
-        tandem("pipeline", "--preset", "tiny", "--out", out, "--quiet", "--set", f"run.seed={seed}")
-        minutes.append((time.perf_counter() - started) / 60)
+        out, wall = demo_run(seed)
+        minutes.append(wall)
         summary = read_summary(out)
         before, after = summary["evals"]["sft"], summary["evals"]["rl"]
         hardest = min(before, key=lambda task: before[task]["accuracy"])
@@ -109,7 +166,7 @@ def part_demo(args) -> str:
                   f"{after[task]['accuracy']:.1%}", f"{(after[task]['accuracy'] - before[task]['accuracy']) * 100:+.1f}",
                   f"{after[task]['format_rate']:.1%}"] for task in before]
         gains.append((after[hardest]["accuracy"] - before[hardest]["accuracy"]) * 100)
-    first = BENCH / ("demo" if seeds[0] == 0 else f"demo-s{seeds[0]}")
+    first = demo_folder(seeds[0])
     sft_evals = read_summary(first)["evals"]["sft"]
     for seed in rl_seeds:      # GRPO alone, from the first demo's SFT checkpoint
         out, rl = rl_run(ensure_sft(first), f"demo-rl-s{seed}", [f"run.seed={seed}"])
@@ -139,6 +196,19 @@ def part_demo(args) -> str:
              f"validation/test split existed); `eval.split = validation` is for tuning from now on. {environment(1)} "
              f"(SFT and eval on one thread; the RL trainer and its worker on one thread each; 2 cores).")
     return body
+
+
+def measure_rl(init: str, steps: int) -> dict:
+    """Steady samples/s of `run_rl_stage` (the tiny preset's RL: async, one worker) for `steps` steps
+    from `init`, with the worker dtype pinned so both trees of an A/B run the same job (the A/B
+    side, benchmarks/ab.py: stable APIs only)."""
+    import tempfile
+    from tandem.train.grpo import run_rl_stage
+    cfg = load_config(preset="tiny", overrides=[f"rl.steps={steps}", "rl.checkpoint_every=1000", "rollout.dtype=bf16"])
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "rl"
+        run_rl_stage(cfg, init, out, progress=False)
+        return {"GRPO samples/s": steady_rate(out)}
 
 
 def part_modes(args) -> str:
@@ -176,6 +246,20 @@ def part_modes(args) -> str:
             f"filtering the trainer is. {environment(2)}.")
 
 
+def part_ab(args) -> str:
+    """The preset's RL on this tree vs git REF (--baseline), interleaved in fresh processes (ab.py)."""
+    from benchmarks.ab import compare, report
+    init = ensure_sft(Path(args.init))
+    result = compare("bench_grpo.py:measure_rl", {"init": str(init), "steps": args.steps}, args.baseline or "HEAD~1",
+                     args.ab_rounds)
+    ratio = next(iter(result.values()))["ratio"]
+    return (f"The tiny preset's RL (async, one worker in bf16 on both sides, {args.steps} steps from {rel(init)}; "
+            f"samples/s over the steady steps) on this tree vs `{args.baseline or 'HEAD~1'}`:\n\n"
+            + report(result, args.baseline or "HEAD~1", args.ab_rounds)
+            + f"\n\nTarget (issue 15): >= 1.5x the commit before the performance work "
+              f"({'met' if ratio >= 1.5 else 'MISSED'}). {environment(1)} per role.")
+
+
 def part_parity(args) -> str:
     from tandem.pipeline import run_eval_stage
     init = ensure_sft(Path(args.init))
@@ -206,7 +290,7 @@ def part_parity(args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("demo", "modes", "parity"))
+    parser.add_argument("part", choices=("demo", "bf16", "modes", "parity", "ab"))
     parser.add_argument("--init", default=str(BENCH / "demo"), help="SFT run to start RL from (modes, parity)")
     parser.add_argument("--steps", type=int, default=30, help="RL steps per mode (modes)")
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds: one demo each (demo), one run per "
@@ -215,11 +299,16 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs of the same config instead of retraining them (parity)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    from benchmarks.ab import add_baseline_argument
+    add_baseline_argument(parser)       # ab: the preset's RL on this tree vs git REF
     args = parser.parse_args()
-    body = {"demo": part_demo, "modes": part_modes, "parity": part_parity}[args.part](args)
+    body = {"demo": part_demo, "bf16": part_bf16, "modes": part_modes, "parity": part_parity,
+            "ab": part_ab}[args.part](args)
     print(body)
     if args.write:
         titles = {"demo": "GRPO on the tiny demo: accuracy before/after RL, wall time",
+                  "bf16": "The tiny demo trained in bf16 vs fp32: accuracy and throughput",
+                  "ab": "GRPO throughput against an earlier commit",
                   "modes": "GRPO: async disaggregated vs sync colocated throughput",
                   "parity": "GRPO: async bf16 rollouts vs sync fp32 rollouts, final accuracy"}
         write_section(f"bench_grpo_{args.part}", titles[args.part], body)
