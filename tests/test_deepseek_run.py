@@ -58,6 +58,28 @@ def test_pipeline_trains_exports_and_gates_an_moe_model(moe_run):
     assert report.count("Expert load, max/mean") == 2 and "plots/rl_expert_imbalance.png" in report
 
 
+def test_parity_gate_judges_routing_and_fails_an_export_whose_router_moved(moe_run, tmp_path):
+    """The gate's routing check: tandem vs its own HF export routes every scored token alike in
+    every MoE layer; the same export with one router's selection bias pushed toward one expert
+    (the kind of change a bad conversion makes) fails on routing_match."""
+    import shutil
+    from safetensors.torch import save_file
+    from tandem.parity import run_parity
+    clean = run_parity(moe_run, "torch:cpu:fp32", "hf", target_model=moe_run / "export" / "hf", n=8, progress=False)
+    assert clean["passed"] and clean["metrics"]["routing_match"] == 1.0
+    assert clean["metrics"]["routing_layer_match"] == [1.0]            # one MoE layer (layer 0 is dense)
+    moved = tmp_path / "moved"
+    shutil.copytree(moe_run / "export" / "hf", moved)
+    weights = load_file(str(moved / "model.safetensors"))
+    weights["model.layers.1.mlp.gate.e_score_correction_bias"][0] += 10.0   # expert 0 now always selected
+    save_file(weights, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    bad = run_parity(moe_run, "torch:cpu:fp32", "hf", target_model=moved, n=8, progress=False)
+    assert bad["metrics"]["routing_match"] < 0.99
+    assert any(failure.startswith("routing_match ") for failure in bad["failures"]) and not bad["passed"]
+    bf16 = run_parity(moe_run, "torch:cpu:fp32", "torch:cpu:bf16", n=4, progress=False)
+    assert 0.0 < bf16["metrics"]["routing_match"] <= 1.0 and bf16["thresholds"]["routing_match"] == 0.9
+
+
 def test_transformers_loads_the_moe_export_with_same_logits_and_greedy(moe_run):
     from tandem.infer.engine import Engine, SamplingParams
     from tandem.loading import load_model
