@@ -103,6 +103,10 @@ class RLConfig:
     clip_eps_high: float = 0.0     # 0 = clip_eps (symmetric); DAPO uses 0.28
     kl_coef: float = 0.0           # beta: k3 KL penalty to the frozen initial policy (0 = no reference)
     loss_norm: str = "dapo"        # grpo (per-sequence mean) | dapo (per-token) | dr_grpo (constant)
+    loss: str = "grpo"             # grpo (token-level ratio) | gspo (one ratio per sequence, GSPO; its
+                                   # clip is gspo_clip/gspo_clip_high and its tokens average per sequence)
+    gspo_clip: float = 3e-4        # GSPO's sequence ratio clipped to [1 - gspo_clip, 1 + gspo_clip_high]
+    gspo_clip_high: float = 4e-4   # (the GSPO paper's values)
     scale_rewards: str = "group"   # advantage divisor: group std | batch std | none (Dr. GRPO)
     filter_groups: bool = False    # drop groups whose rewards are all equal (zero advantage) from the
                                    # update, as DAPO's dynamic sampling does (without its resampling)
@@ -339,6 +343,9 @@ def _validate_rl(cfg: Config) -> None:
     _check(r.clip_eps_high >= 0, "rl.clip_eps_high", ">= 0 (0 = clip_eps)", r.clip_eps_high)
     _check(r.kl_coef >= 0, "rl.kl_coef", ">= 0", r.kl_coef)
     _check(r.loss_norm in ("grpo", "dapo", "dr_grpo"), "rl.loss_norm", "grpo, dapo, dr_grpo", r.loss_norm)
+    _check(r.loss in ("grpo", "gspo"), "rl.loss", "grpo, gspo", r.loss)
+    _check(0 < r.gspo_clip < 1 and r.gspo_clip_high > 0, "rl.gspo_clip / rl.gspo_clip_high",
+           "0 < gspo_clip < 1 and gspo_clip_high > 0", (r.gspo_clip, r.gspo_clip_high))
     _check(r.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards", "group, batch, none", r.scale_rewards)
     _check(r.threads >= 0 and w.threads >= 0, "rl.threads / rollout.threads", ">= 0", (r.threads, w.threads))
     _check(1 <= r.trainers <= r.prompts_per_step * r.group_size, "rl.trainers",

@@ -77,6 +77,26 @@ def test_clip_higher_truncated_importance_weight_and_k3_kl_by_hand():
     assert terms.kl_ref == pytest.approx(sum(kl) / 3, rel=1e-6)
 
 
+def test_gspo_uses_one_clipped_ratio_per_sequence_by_hand():
+    """rl.loss = gspo: sequence 0's tokens (log ratios +0.2, -0.5) both carry the geometric mean
+    e^-0.15 = 0.861, clipped to 1 - 0.1 (A > 0, below the lower bound: min() keeps it unclipped);
+    sequence 1's one token ratio 1. The gradient of a token is c_t * A * s_i (s_i inside the clip)."""
+    weights = token_weights(LENGTHS, "grpo", 4)
+    logp = torch.tensor(LOGP, requires_grad=True)
+    terms = grpo_loss(logp, torch.tensor(OLD), torch.tensor(ADV), weights, clip_eps=0.1,
+                      sequence_lengths=LENGTHS)
+    s0 = math.exp((0.2 - 0.5) / 2)
+    assert float(terms.loss.detach()) == pytest.approx(-(0.25 + 0.25) * s0 + 0.5 * 1.0, rel=1e-6)
+    terms.loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-0.25 * s0, -0.25 * s0, 0.5], rel=1e-6)
+    # above the upper bound with A > 0 the clip bites for every token of the sequence: no gradient
+    logp = torch.tensor([-0.9, -1.4, -0.5], requires_grad=True)                # log ratios +0.3, +0.1
+    terms = grpo_loss(logp, torch.tensor(OLD), torch.tensor(ADV), weights, clip_eps=3e-4, clip_eps_high=4e-4,
+                      sequence_lengths=LENGTHS)
+    terms.loss.backward()
+    assert logp.grad.tolist()[:2] == [0.0, 0.0] and terms.clip_frac == pytest.approx(2 / 3)
+
+
 def test_first_update_is_the_policy_gradient():
     """With logp_old = logp (mu = 1) the ratio is 1 and the gradient is -c_t * A_t."""
     logp = torch.tensor(LOGP, requires_grad=True)
@@ -187,6 +207,19 @@ def test_sync_mode_is_deterministic_and_resumes_bitwise(tmp_path, init_model, te
     rewards = lambda run: [(m["step"], m["reward"], m["mismatch"]) for m in read_metrics(run, "rl")]  # noqa: E731
     assert rewards(tmp_path / "a") == rewards(tmp_path / "b")
     assert all(m["mismatch"] > 0 for m in read_metrics(tmp_path / "a", "rl"))  # bf16 worker vs fp32 trainer
+
+
+def test_gspo_trains_and_its_first_step_equals_grpo_with_per_sequence_means(tmp_path, init_model, test_tasks):
+    """With one update per batch every ratio is 1, so GSPO's first step is the policy gradient
+    with each sequence's tokens averaged: the same weights as GRPO with loss_norm = grpo. The
+    next steps differ (the clip); a bad rl.loss is one line."""
+    common = ['rl.tasks=["charcount"]', "rl.mode=sync", "rollout.workers=0", "rl.steps=1"]
+    _rl(tmp_path / "gspo", init_model, common + ["rl.loss=gspo"])
+    _rl(tmp_path / "grpo", init_model, common + ["rl.loss_norm=grpo"])
+    assert _fingerprint(tmp_path / "gspo") == _fingerprint(tmp_path / "grpo")
+    result = run_tandem("rl", "--init", init_model, "--preset", "smoke", "--set", "rl.loss=ppo",
+                        "--out", tmp_path / "bad")
+    assert result.returncode == 2 and "rl.loss" in result.stderr and not (tmp_path / "bad").exists()
 
 
 def test_a_bf16_trainer_resumes_bitwise(tmp_path, init_model, test_tasks):

@@ -33,6 +33,12 @@ Options and where they come from:
   "dapo": one mean over every token of the batch (DAPO's token-level loss); "dr_grpo": a sum
   divided by a constant, sequences x max_new_tokens (Liu et al. 2025, "Understanding R1-Zero-Like
   Training: A Critical Perspective", which shows both per-sequence normalisations bias lengths).
+* `loss = "gspo"`: Group Sequence Policy Optimization (Zheng et al. 2025): one importance ratio
+  per sequence, s_i = exp(mean_t(logp_new - logp_old)), clipped to [1 - gspo_clip, 1 +
+  gspo_clip_high] (the paper's 3e-4 / 4e-4: a sequence ratio moves far less than a token's), each
+  sequence's tokens averaged (as loss_norm "grpo", whatever loss_norm says). A sequence-level ratio
+  is less sensitive to single tokens whose probability differs between the rollout and the trainer,
+  which for MoE models includes tokens routed to other experts (the paper's motivation).
 * `scale_rewards`: "group" divides the advantage by the group's reward std (GRPO), "batch" by the
   std of the whole batch, "none" not at all (Dr. GRPO: the std term over-weights prompts that are
   almost always solved or almost never). A group whose rewards are all equal has A = 0 everywhere.
@@ -483,7 +489,8 @@ class GRPOTrainer:
         self.expert_load = None             # set by train_on (MoE models): this step's router counts
         if not n_seq:  # every group was uniform (filtered): nothing to learn from this batch
             return Update(lr, None, {}, torch.zeros(0), 0.0, 0, None)
-        batch = build_batch(prompts, completions, logprobs, advantages, r.loss_norm, r.max_new_tokens,
+        norm = "grpo" if r.loss == "gspo" else r.loss_norm     # GSPO averages each sequence's tokens
+        batch = build_batch(prompts, completions, logprobs, advantages, norm, r.max_new_tokens,
                             self.tokenizer.pad_id, self.device)
         rows = list(range(self.rank * n_seq // self.world, (self.rank + 1) * n_seq // self.world))
         policy = PolicyUpdate(self.model, self.reference, batch, rows, r, self.amp_dtype, self.group,

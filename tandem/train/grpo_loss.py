@@ -74,19 +74,34 @@ class LossTerms:
     tis_capped: torch.Tensor    # share of tokens whose weight hit the cap
 
 
+def sequence_ratio(logp: torch.Tensor, logp_old: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """GSPO's importance ratio in its per-token form (Zheng et al. 2025, "Group Sequence Policy
+    Optimization", eq. 13): every token of sequence i carries s_i = exp(mean_t(logp - logp_old)),
+    the geometric mean of its tokens' ratios, as a value; its gradient is s_i times the token's own
+    d logp, so averaging over the sequence's tokens gives the sequence-level objective's gradient."""
+    index = torch.repeat_interleave(torch.arange(len(lengths), device=logp.device),
+                                    torch.tensor(lengths, device=logp.device))
+    counts = torch.tensor(lengths, device=logp.device, dtype=logp.dtype).clamp_min(1)
+    mean = torch.zeros(len(lengths), device=logp.device, dtype=logp.dtype).index_add_(
+        0, index, (logp - logp_old).detach()) / counts
+    return torch.exp(mean[index] + logp - logp.detach())
+
+
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
               weights: torch.Tensor, clip_eps: float, clip_eps_high: float = 0.0,
               logp_rollout: torch.Tensor | None = None, tis_cap: float = 0.0,
-              logp_ref: torch.Tensor | None = None, kl_coef: float = 0.0) -> LossTerms:
+              logp_ref: torch.Tensor | None = None, kl_coef: float = 0.0,
+              sequence_lengths: list[int] | None = None) -> LossTerms:
     """The GRPO objective (module docstring) on flat per-token tensors of equal length N.
 
     logp: [N] current policy (with grad); logp_old: [N] policy before this batch's updates;
     advantages: [N] each token carries its sequence's advantage; weights: [N] the c_t of
     `token_weights`; logp_rollout: [N] what the rollout worker sampled with (for tis_cap);
-    logp_ref: [N] frozen reference (for kl_coef).
+    logp_ref: [N] frozen reference (for kl_coef); sequence_lengths: GSPO (rl.loss = "gspo"): the
+    tokens per sequence, for one clipped ratio per sequence (sequence_ratio) instead of per token.
     """
     high = clip_eps_high or clip_eps
-    ratio = torch.exp(logp - logp_old)
+    ratio = torch.exp(logp - logp_old) if sequence_lengths is None else sequence_ratio(logp, logp_old, sequence_lengths)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + high) * advantages
     surrogate = torch.minimum(unclipped, clipped)
@@ -222,8 +237,11 @@ class PolicyUpdate:
                         with torch.no_grad():
                             self.ref.append(token_logprobs(self.reference, layout))
             r = self.r
-            terms = grpo_loss(logp, self.old[c], sub.advantages, sub.weights, r.clip_eps, r.clip_eps_high,
-                              sub.logp_rollout, r.tis_cap, self.ref[c] if self.ref else None, r.kl_coef)
+            gspo = r.loss == "gspo"
+            terms = grpo_loss(logp, self.old[c], sub.advantages, sub.weights,
+                              r.gspo_clip if gspo else r.clip_eps, r.gspo_clip_high if gspo else r.clip_eps_high,
+                              sub.logp_rollout, r.tis_cap, self.ref[c] if self.ref else None, r.kl_coef,
+                              sub.lengths if gspo else None)
             loss = self.corrupt_loss(terms.loss)
             loss.backward()
             share = logp.numel() / total_tokens  # per-token stats weighted by the micro-batch's share
